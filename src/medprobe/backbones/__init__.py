@@ -1,0 +1,40 @@
+"""Backbones: one registry, three family adapters (timm, transformers, open_clip).
+
+>>> bb = create_backbone("dinov2_vits14", weights="random")
+>>> out = bb.forward_tokens(images, blocks=[-4, -3, -2, -1])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from medprobe.backbones.base import Backbone, BlockTokens, PreprocessSpec, TokenOutput
+from medprobe.backbones.registry import BackboneSpec, get_spec, list_backbones, register_backbone
+from medprobe.backbones.weights import parse_weights, save_dinov2_checkpoint
+
+__all__ = ["Backbone", "BackboneSpec", "BlockTokens", "PreprocessSpec", "TokenOutput", "create_backbone",
+           "get_spec", "list_backbones", "register_backbone", "save_dinov2_checkpoint"]
+
+
+def create_backbone(name: str, weights: str | None = "random", *, tiny: bool = False,
+                    overrides: dict[str, Any] | None = None) -> Backbone:
+    """Build a registered backbone in eval mode.
+
+    ``weights`` is ``random``, ``hub`` or a local file/folder. ``tiny=True`` builds the small
+    configuration of the same architecture class (tests, quick demos); ``overrides`` passes
+    extra constructor arguments (e.g. ``{"depth": 6}``).
+    """
+    spec = get_spec(name)
+    source = parse_weights(weights)
+    kwargs = {**(spec.tiny if tiny else {}), **(overrides or {})}
+    if spec.family == "timm":
+        from medprobe.backbones.timm_family import TimmBackbone as cls
+    elif spec.family == "hf":
+        from medprobe.backbones.hf_family import HFBackbone as cls
+    elif spec.arch.startswith("timm:"):
+        from medprobe.backbones.openclip_family import OpenCLIPTimmBackbone as cls
+    else:
+        from medprobe.backbones.openclip_family import OpenCLIPBackbone as cls
+    backbone = cls(spec, source, kwargs)
+    backbone.tiny = tiny
+    backbone.overrides = kwargs
+    return backbone.eval()

@@ -1,0 +1,111 @@
+"""The backbone contract every model family implements.
+
+A :class:`Backbone` wraps a network from timm, Hugging Face transformers or open_clip and
+exposes one uniform call, :meth:`Backbone.forward_tokens`, plus the facts a protocol
+needs (embedding width, patch size, number of blocks, preprocessing).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How images must be prepared for one backbone, taken from its model card/processor.
+
+    ``mean``/``std`` apply to RGB images scaled to ``input_range`` (``(0, 1)`` for almost
+    every model). ``resize`` is ``"square"`` (resize the whole image to ``size`` x ``size``)
+    or ``"shortest_edge+center_crop"``.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_range: tuple[float, float] = (0.0, 1.0)
+    resize: Literal["square", "shortest_edge+center_crop"] = "square"
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    channels: int = 3
+
+
+@dataclass
+class BlockTokens:
+    """Output of one intermediate block: its CLS (or pooled) token and its patch grid."""
+
+    index: int
+    cls: torch.Tensor  # (B, D_i)
+    patch_grid: torch.Tensor  # (B, D_i, h, w)
+
+    @property
+    def mean_patch(self) -> torch.Tensor:
+        return self.patch_grid.mean(dim=(2, 3))
+
+
+@dataclass
+class TokenOutput:
+    """What :meth:`Backbone.forward_tokens` returns.
+
+    ``cls`` is the final (normalised) CLS token, or the mean patch token / global pooled map
+    for models without one (SAM, CNNs). ``patch_grid`` is (B, D, h, w). ``blocks`` holds the
+    requested intermediate blocks in the order they were requested.
+    """
+
+    cls: torch.Tensor
+    mean_patch: torch.Tensor
+    patch_grid: torch.Tensor
+    blocks: list[BlockTokens] = field(default_factory=list)
+
+
+class Backbone(nn.Module):
+    """A vision model with the medprobe token contract.
+
+    Attributes: ``name`` (registry name), ``embed_dim``, ``patch_size`` (None for CNNs),
+    ``num_blocks``, ``default_image_size``, ``preprocess`` (:class:`PreprocessSpec`),
+    ``has_cls_token``, ``weights_tag`` (``random``, ``hub:<id>`` or ``file:<sha256-prefix>``)
+    and ``model`` (the wrapped network, e.g. a timm ``VisionTransformer``).
+    """
+
+    name: str
+    embed_dim: int
+    patch_size: int | None
+    num_blocks: int
+    default_image_size: int
+    preprocess: PreprocessSpec
+    has_cls_token: bool
+    is_vit: bool
+    weights_tag: str = "random"
+    model: nn.Module
+
+    def forward_tokens(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> TokenOutput:
+        """Run the model on normalised images (B, 3, H, W).
+
+        ``blocks`` are block indices (0-based; negative counts from the end, -1 = last)
+        whose outputs are returned in ``TokenOutput.blocks``. Intermediate tokens are
+        passed through the model's final norm, as DINOv2's ``get_intermediate_layers``.
+        """
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pooled embedding
+        return self.forward_tokens(images).cls
+
+    def block_modules(self) -> list[nn.Module]:
+        """The transformer blocks / CNN stages in order (for freezing and truncation)."""
+        raise NotImplementedError
+
+    def truncate(self, k: int) -> None:
+        """Keep only the first ``k`` blocks (decapitation); later blocks are removed."""
+        raise NotImplementedError
+
+    def resolve_blocks(self, blocks: Sequence[int]) -> list[int]:
+        out = []
+        for b in blocks:
+            i = b + self.num_blocks if b < 0 else b
+            if not 0 <= i < self.num_blocks:
+                from medprobe.errors import ConfigError
+                raise ConfigError(f"block index {b} out of range for {self.name} with {self.num_blocks} blocks "
+                                  f"(use 0..{self.num_blocks - 1} or -1..-{self.num_blocks})")
+            out.append(i)
+        return out

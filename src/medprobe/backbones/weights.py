@@ -1,0 +1,196 @@
+"""Where weights come from: ``random``, ``hub`` (a public id) or a local file/folder.
+
+Local formats: ``.safetensors``, a ``.pth``/``.pt``/``.bin`` state dict (plain or wrapped in
+``state_dict``/``model``/``teacher``/``student``), a DINOv2 original-format checkpoint and a
+Hugging Face ``save_pretrained`` folder. Offline, a hub request fails within seconds with a
+message naming the file to download and how to pass it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+
+from medprobe.errors import WeightsError
+
+STATE_DICT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                    "open_clip_pytorch_model.bin", "model.pth", "checkpoint.pth")
+_WRAPPER_KEYS = ("state_dict", "model", "teacher", "student", "module")
+_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.backbone.")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: Literal["random", "hub", "file", "dir"]
+    path: Path | None = None
+
+    @property
+    def tag(self) -> str:
+        if self.kind in ("random", "hub"):
+            return self.kind
+        return f"{self.kind}:{path_digest(self.path)}"
+
+
+def parse_weights(weights: str | os.PathLike | None) -> WeightsSource:
+    """Interpret a ``weights`` value: ``random``, ``hub`` or an existing path."""
+    if weights is None or str(weights) == "random":
+        return WeightsSource("random")
+    if str(weights) == "hub":
+        return WeightsSource("hub")
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return WeightsSource("dir", path)
+    if path.is_file():
+        return WeightsSource("file", path)
+    raise WeightsError(f"weights {str(weights)!r} is neither 'random', 'hub' nor an existing file or folder")
+
+
+def path_digest(path: Path | None) -> str:
+    """SHA-256 prefix of a weights file (or of every weights file in a folder)."""
+    assert path is not None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from a safetensors/torch file or a folder holding one, unwrapped."""
+    if path.is_dir():
+        for name in STATE_DICT_FILES:
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        raise WeightsError(f"no weights file in folder {path}; expected one of {', '.join(STATE_DICT_FILES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    return unwrap_state_dict(sd, path)
+
+
+def unwrap_state_dict(sd: object, path: Path | str = "<memory>") -> dict[str, torch.Tensor]:
+    """Strip training wrappers: nested ``teacher``/``model`` dicts, ``module.``/``backbone.`` prefixes."""
+    while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], dict)), None)
+        if inner is None:
+            raise WeightsError(f"{path} holds no state dict (top-level keys: {', '.join(map(str, list(sd)[:10]))})")
+        sd = inner
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} holds a {type(sd).__name__}, expected a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if k.startswith(("dino_head.", "ibot_head.", "head.mlp.", "head.last_layer.")):
+            continue  # self-supervised projection heads are not part of the backbone
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        # DINOv2 FSDP block chunks: blocks.<chunk>.<index>.x -> blocks.<index>.x
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
+        out[k] = v
+    return out
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keep keys under ``prefix`` (without it) when any key has it, else return ``sd``."""
+    if any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+# --------------------------------------------------------------------------- hub
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub; never retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(_hub_endpoint())
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_file(repo_id: str, filename: str, backbone: str) -> Path:
+    """Path of ``filename`` from a Hugging Face repo: the local cache, else a download.
+
+    Fails within seconds when the file is not cached and the hub cannot be reached.
+    """
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:
+        pass
+    url = f"{_hub_endpoint()}/{repo_id}/blob/main/{filename}"
+    if not hub_reachable():
+        raise WeightsError(
+            f"weights for backbone {backbone!r} are not available offline: download {filename} from {url} "
+            f"and pass its path as weights (e.g. --weights /path/to/{filename}, or `weights: /path/to/{filename}` "
+            f"in the experiment file), or put it in the Hugging Face cache (HF_HOME) on a machine with network.")
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:
+        raise WeightsError(f"could not download {filename} for backbone {backbone!r} from {url}: {e}") from None
+
+
+# --------------------------------------------------------------------------- DINOv2 original format
+def timm_vit_to_dinov2(state_dict: dict[str, torch.Tensor], num_register_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Convert a timm DINOv2 ViT state dict to the layout of facebookresearch/dinov2 checkpoints.
+
+    The inverse of timm's ``checkpoint_filter_fn`` for DINOv2: adds ``mask_token``, renames the
+    SwiGLU ``fc1/fc2`` back to ``w12/w3`` and, with registers, restores ``register_tokens`` and
+    the CLS position embedding folded into ``cls_token`` by timm.
+    """
+    sd = {k: v.detach().clone() for k, v in state_dict.items() if not k.startswith(("head.", "fc_norm."))}
+    out: dict[str, torch.Tensor] = {}
+    swiglu = _is_swiglu(sd)
+    for k, v in sd.items():
+        if swiglu:
+            k = re.sub(r"(blocks\.\d+\.mlp)\.fc1\.", r"\1.w12.", k)
+            k = re.sub(r"(blocks\.\d+\.mlp)\.fc2\.", r"\1.w3.", k)
+        out[k] = v
+    dim = out["cls_token"].shape[-1]
+    if "reg_token" in out:
+        reg = out.pop("reg_token")
+        pos = out["pos_embed"]
+        cls_pos = torch.zeros(1, 1, dim, dtype=pos.dtype)
+        out["pos_embed"] = torch.cat([cls_pos, pos], dim=1)
+        out["register_tokens"] = reg
+    out.setdefault("mask_token", torch.zeros(1, dim))
+    return out
+
+
+def _is_swiglu(sd: dict[str, torch.Tensor]) -> bool:
+    w1 = sd.get("blocks.0.mlp.fc1.weight")
+    w2 = sd.get("blocks.0.mlp.fc2.weight")
+    return w1 is not None and w2 is not None and w1.shape[0] == 2 * w2.shape[1]
+
+
+def save_dinov2_checkpoint(vit: torch.nn.Module, path: str | os.PathLike, num_register_tokens: int = 0) -> Path:
+    """Write a timm ViT as a DINOv2 original-format ``.pth`` (atomic: temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(timm_vit_to_dinov2(vit.state_dict(), num_register_tokens), tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,86 @@
+"""Turn a medical image into exactly what one backbone expects.
+
+Intensities are scaled to [0, 1] (by the dataset's known value range, e.g. 0-255 for 8-bit
+MedMNIST, else per image between the 0.5th and 99.5th percentiles, which suits DICOM and
+NIfTI units), grayscale is repeated to 3 channels, the image is resized with the backbone's
+resize policy and normalised with the backbone's own mean/std.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medprobe.backbones.base import PreprocessSpec
+from medprobe.errors import DataError
+
+
+def scale_intensity(image: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Map native intensities to [0, 1]."""
+    if value_range is not None:
+        lo, hi = value_range
+    else:
+        lo, hi = np.percentile(image, [0.5, 99.5]) if image.size > 16 else (image.min(), image.max())
+        if hi <= lo:
+            lo, hi = float(image.min()), float(image.max())
+    scale = (hi - lo) if hi > lo else 1.0
+    return np.clip((image - lo) / scale, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+class Preprocessor:
+    """Callable mapping a list of 2D images (H, W) or (H, W, 3) to a (B, 3, S, S) tensor."""
+
+    def __init__(self, spec: PreprocessSpec, image_size: int, value_range: tuple[float, float] | None = None) -> None:
+        self.spec = spec
+        self.image_size = int(image_size)
+        self.value_range = value_range
+        lo, hi = spec.input_range
+        self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self._lo, self._span = lo, hi - lo
+
+    def describe(self) -> dict:
+        return {"mean": list(self.spec.mean), "std": list(self.spec.std), "input_range": list(self.spec.input_range),
+                "resize": self.spec.resize, "interpolation": self.spec.interpolation, "image_size": self.image_size,
+                "value_range": list(self.value_range) if self.value_range else "per-image p0.5-p99.5"}
+
+    def to_tensor(self, image: np.ndarray, source: str = "") -> torch.Tensor:
+        """(H, W) or (H, W, 3) native image -> (3, H, W) float tensor in [0, 1]."""
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise DataError(f"{source or 'image'}: expected a 2D image (H, W) or (H, W, 3), got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise DataError(f"{source or 'image'}: contains NaN or infinite pixel values")
+        image = scale_intensity(image[..., :3], self.value_range)
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+
+    def resize(self, batch: torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        mode = self.spec.interpolation
+        h, w = batch.shape[-2:]
+        if self.spec.resize == "shortest_edge+center_crop":
+            r = s / min(h, w)
+            nh, nw = max(s, round(h * r)), max(s, round(w * r))
+            if (nh, nw) != (h, w):
+                batch = F.interpolate(batch, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            return batch[..., top:top + s, left:left + s]
+        if (h, w) != (s, s):
+            batch = F.interpolate(batch, size=(s, s), mode=mode, align_corners=False, antialias=True)
+        return batch
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return ((batch * self._span + self._lo) - self._mean) / self._std
+
+    def __call__(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> torch.Tensor:
+        sources = sources or [""] * len(images)
+        tensors = [self.to_tensor(im, src) for im, src in zip(images, sources)]
+        if len({t.shape for t in tensors}) == 1:
+            batch = self.resize(torch.stack(tensors))
+        else:
+            batch = torch.cat([self.resize(t[None]) for t in tensors])
+        return self.normalize(batch).contiguous()
