@@ -59,6 +59,8 @@ class ImageDataset:
 
     name: str = "dataset"
     ndim: int = 2
+    #: known range of native intensities (e.g. (0, 255) for 8-bit files); None = scale each image by percentiles
+    value_range: tuple[float, float] | None = None
 
     def __init__(self, records: Sequence[Record], task: TaskSpec, *, name: str | None = None,
                  ndim: int | None = None, source: str = "") -> None:
@@ -126,6 +128,7 @@ class SubsetDataset(ImageDataset):
         self._map = [int(i) for i in indices]
         super().__init__([parent.records[i] for i in self._map], parent.task, name=parent.name,
                          ndim=parent.ndim, source=parent.source)
+        self.value_range = parent.value_range
 
     def load_image(self, index: int) -> np.ndarray:
         return self.parent.load_image(self._map[index])

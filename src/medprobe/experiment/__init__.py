@@ -1,0 +1,1 @@
+"""Experiments: the YAML schema, planning and the resumable runner."""

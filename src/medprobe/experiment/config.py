@@ -1,0 +1,116 @@
+"""The experiment file: datasets × backbones × protocols, seeds and run settings.
+
+Everything is validated before any work starts; each error names the key and what is
+allowed. Paths are relative to the current folder.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medprobe.errors import ConfigError
+from medprobe.experiment.schema import coerce, parse, require
+
+
+@dataclass
+class DatasetConfig:
+    """One ``datasets:`` entry; keys other than these are adapter options."""
+
+    adapter: str
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "root": self.root, **self.options}
+
+
+@dataclass
+class BackboneConfig:
+    name: str
+    weights: str = "random"
+    tiny: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "weights": self.weights, "tiny": self.tiny, "overrides": self.overrides,
+                "image_size": self.image_size}
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    output_dir: str
+    datasets: dict[str, Any]
+    backbones: dict[str, Any]
+    protocols: dict[str, Any]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    image_size: int | None = None
+    precision: str = "auto"
+    batch_size: int = 64
+    bootstrap: int = 1000
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        require(len(self.seeds) > 0, "seeds: give at least one seed")
+        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        require(self.bootstrap >= 0, f"bootstrap: must be >= 0, got {self.bootstrap}")
+        require(self.image_size is None or self.image_size >= 8, f"image_size: must be >= 8, got {self.image_size}")
+        require(self.precision in ("auto", "bf16", "fp32"), f"precision: {self.precision!r} is not one of auto, bf16, fp32")
+        require(bool(self.datasets), "datasets: give at least one dataset")
+        require(bool(self.backbones), "backbones: give at least one backbone")
+        require(bool(self.protocols), "protocols: give at least one protocol (see `medprobe list protocols`)")
+        self.dataset_configs: dict[str, DatasetConfig] = {}
+        for name, raw in self.datasets.items():
+            if not isinstance(raw, dict) or "adapter" not in raw:
+                raise ConfigError(f"datasets.{name}: expected a mapping with an 'adapter' key, got {raw!r}")
+            raw = dict(raw)
+            adapter = coerce(raw.pop("adapter"), str, f"datasets.{name}.adapter")
+            root = coerce(raw.pop("root", None), str | None, f"datasets.{name}.root")
+            self.dataset_configs[name] = DatasetConfig(adapter, root, raw)
+        self.backbone_configs: dict[str, BackboneConfig] = {
+            name: parse(BackboneConfig, raw, f"backbones.{name}") for name, raw in self.backbones.items()}
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.output_path / "features"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML) to the raw mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. protocols.linear.epochs=5), got {item!r}")
+        path, value = item.split("=", 1)
+        node = raw
+        keys = path.strip().split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {k!r} is not a mapping")
+        node[keys[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML file (structure only; see ``runner.validate``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return parse(ExperimentConfig, raw, path.name)

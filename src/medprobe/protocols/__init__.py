@@ -1,0 +1,21 @@
+"""Evaluation and adaptation protocols, registered by name for experiment files.
+
+Importing this package registers the built-in protocols; ``list_protocols()`` names them.
+"""
+from __future__ import annotations
+
+import importlib
+
+_MODULES = ("medprobe.protocols.frozen", "medprobe.protocols.adapt", "medprobe.protocols.segmentation")
+
+for _module in _MODULES:
+    try:
+        importlib.import_module(_module)
+    except ModuleNotFoundError as _e:  # a protocol family not present in this build
+        if _e.name != _module:
+            raise
+
+
+def list_protocols() -> list[str]:
+    from medprobe.protocols.base import all_protocols
+    return sorted(all_protocols())

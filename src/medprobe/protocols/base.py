@@ -1,0 +1,127 @@
+"""What a protocol is to the experiment runner.
+
+A protocol parses its options from the experiment file, expands them into run *units*
+(one unit = one row of the ``runs`` table: protocol + params + seed) and runs one unit at a
+time, returning metric values and a small ``info`` record. Frozen protocols ask for a
+feature store through :meth:`UnitContext.features`; trainable ones build a fresh backbone
+with :meth:`UnitContext.backbone`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from medprobe.backbones.base import Backbone
+from medprobe.data.base import ImageDataset
+from medprobe.errors import suggest, ConfigError
+from medprobe.experiment.schema import parse
+from medprobe.metrics import MetricValue
+
+
+@dataclass(frozen=True)
+class FeatureNeeds:
+    """What a frozen protocol needs from the feature store."""
+
+    last_blocks: int = 1
+    patch_blocks: tuple[int, ...] = ()
+
+
+@dataclass
+class Unit:
+    protocol: str
+    params: dict[str, Any]
+    seed: int
+
+    def label(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params.items() if not isinstance(v, (list, dict)))
+        return f"{self.protocol}({p}) seed {self.seed}"
+
+
+@dataclass
+class UnitResult:
+    metrics: list[MetricValue]
+    info: dict[str, Any] = field(default_factory=dict)
+    split: str = "test"
+
+
+@dataclass
+class UnitContext:
+    """Everything a unit may use; expensive things (features, backbones) are built lazily."""
+
+    dataset_name: str
+    dataset: ImageDataset
+    backbone_name: str
+    backbone_config: Any  # experiment.config.BackboneConfig
+    image_size: int | None
+    precision: str
+    batch_size: int
+    bootstrap: int
+    device: torch.device
+    work_dir: Path
+    features_fn: Callable[[FeatureNeeds], Any]
+    backbone_fn: Callable[[], Backbone]
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def features(self, needs: FeatureNeeds = FeatureNeeds()):
+        """The feature store of this dataset × backbone (extracted once, then reused)."""
+        return self.features_fn(needs)
+
+    def backbone(self) -> Backbone:
+        """A freshly built backbone (with its configured weights) for training protocols."""
+        return self.backbone_fn()
+
+
+class Protocol:
+    """Base class; subclasses set ``name``, ``Options`` and implement ``units`` and ``run``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type]
+    frozen: ClassVar[bool] = True
+
+    def parse_options(self, raw: Any, where: str) -> Any:
+        return parse(self.Options, raw, where)
+
+    def feature_needs(self, options: Any) -> FeatureNeeds:
+        return FeatureNeeds()
+
+    def variant(self, params: dict[str, Any]) -> str:
+        """Short label of a unit's setting for tables (seeds are averaged over it)."""
+        return self.name
+
+    def supports(self, dataset: ImageDataset) -> str | None:
+        """None when the protocol applies to ``dataset``, else the reason it is skipped."""
+        return None
+
+    def units(self, options: Any, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        raise NotImplementedError
+
+    def run(self, unit: Unit, options: Any, ctx: UnitContext) -> UnitResult:
+        raise NotImplementedError
+
+
+_PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    if cls.name in _PROTOCOLS:
+        raise ValueError(f"protocol {cls.name!r} registered twice")
+    _PROTOCOLS[cls.name] = cls()
+    return cls
+
+
+def get_protocol(name: str) -> Protocol:
+    from medprobe import protocols  # noqa: F401  (registers the built-in protocols)
+    try:
+        return _PROTOCOLS[name]
+    except KeyError:
+        raise ConfigError(f"protocols: {suggest(name, _PROTOCOLS, 'protocol')}") from None
+
+
+def all_protocols() -> dict[str, Protocol]:
+    from medprobe import protocols  # noqa: F401
+    return dict(_PROTOCOLS)

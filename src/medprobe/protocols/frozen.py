@@ -1,0 +1,317 @@
+"""Frozen-feature protocols on cached features: kNN, ML-kNN, linear-probe sweep, few-shot, metadata probes.
+
+None of them runs the backbone: they read the feature store, so a grid of probes costs a
+small fraction of one extraction pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from medprobe.data.base import ImageDataset
+from medprobe.errors import ConfigError
+from medprobe.experiment.schema import require
+from medprobe.metrics import MetricValue, classification_metrics
+from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
+from medprobe.protocols.fewshot import sample_fewshot
+from medprobe.protocols.knn import knn_predict
+from medprobe.protocols.linear import DEFAULT_LRS, linear_sweep
+from medprobe.protocols.mlknn import mlknn_predict
+
+CLASSIFICATION = ("binary", "multiclass", "multilabel")
+Pooling = Literal["mean", "max"]
+
+
+def _classification_only(dataset: ImageDataset) -> str | None:
+    if dataset.task.kind not in CLASSIFICATION:
+        return f"needs a classification dataset, {dataset.name} is {dataset.task.kind}"
+    return None
+
+
+@dataclass
+class Target:
+    """Labels of train/val/test for a probe: the dataset's labels or a metadata column."""
+
+    task: str
+    class_names: tuple[str, ...]
+    y: dict[str, np.ndarray]
+    keep: dict[str, np.ndarray]  # boolean row masks (rows without a target value are dropped)
+
+
+def dataset_target(store) -> Target:
+    task = store.meta["task"]
+    y = {s: store.labels(s) for s in store.splits}
+    keep = {s: np.ones(len(y[s]), dtype=bool) for s in store.splits}
+    return Target(task, tuple(store.meta["class_names"]), y, keep)
+
+
+def metadata_target(store, column: str) -> Target:
+    """A metadata column as a classification target (categories sorted; missing values dropped)."""
+    values = {s: store.metadata(s, column) for s in store.splits}
+    present = sorted({str(v) for vs in values.values() for v in vs if v is not None and v == v and v != ""})
+    if len(present) < 2:
+        raise ConfigError(f"metadata column {column!r} has {len(present)} distinct value(s) in this dataset; "
+                          "a probe needs at least 2")
+    index = {c: i for i, c in enumerate(present)}
+    y, keep = {}, {}
+    for s, vs in values.items():
+        keep[s] = np.array([v is not None and v == v and v != "" for v in vs], dtype=bool)
+        y[s] = np.array([index[str(v)] if k else -1 for v, k in zip(vs, keep[s])], dtype=np.int64)
+    return Target("binary" if len(present) == 2 else "multiclass", tuple(present), y, keep)
+
+
+def _split(store, split: str) -> str:
+    if split not in store.splits:
+        raise ConfigError(f"the dataset has no {split!r} split (it has {', '.join(store.splits)})")
+    return split
+
+
+def _pooled(ctx: UnitContext, store, split: str, variant: str, blocks: int, pooling: str) -> np.ndarray:
+    key = f"features:{split}:{variant}:{blocks}:{pooling}"
+    if key not in ctx.memo:
+        ctx.memo[key] = store.features(split, variant, blocks, pooling)
+    return ctx.memo[key]
+
+
+def _score(target: Target, split: str, scores: np.ndarray, ctx: UnitContext, seed: int) -> list[MetricValue]:
+    y = target.y[split][target.keep[split]]
+    if target.task == "binary" and scores.ndim == 2:
+        scores = scores[:, 1]
+    return classification_metrics(y, scores, target.task, target.class_names, bootstrap=ctx.bootstrap, seed=seed)
+
+
+# --------------------------------------------------------------------------- kNN / ML-kNN
+@dataclass
+class KNNOptions:
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    pooling: Pooling = "mean"
+
+    def __post_init__(self) -> None:
+        require(all(k >= 1 for k in self.k), f"k: every k must be >= 1, got {self.k}")
+        require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+
+
+def _knn_scores(ctx: UnitContext, options: KNNOptions, target: Target, multilabel: bool) -> dict[int, np.ndarray]:
+    """Predictions for every k from one neighbour search, memoised across the k units."""
+    memo_key = f"knn:{options.k}:{options.temperature}:{options.pooling}:{id(target)}:{multilabel}"
+    if memo_key not in ctx.memo:
+        store = ctx.features(FeatureNeeds(1))
+        tr, te = _split(store, "train"), _split(store, "test")
+        xtr = _pooled(ctx, store, tr, "cls", 1, options.pooling)[target.keep[tr]]
+        xte = _pooled(ctx, store, te, "cls", 1, options.pooling)[target.keep[te]]
+        ytr = target.y[tr][target.keep[tr]]
+        if multilabel:
+            ctx.memo[memo_key] = mlknn_predict(xtr, ytr, xte, ks=options.k)
+        else:
+            ctx.memo[memo_key] = knn_predict(xtr, ytr, xte, num_classes=len(target.class_names), ks=options.k,
+                                             temperature=options.temperature)
+    return ctx.memo[memo_key]
+
+
+@register_protocol
+class KNN(Protocol):
+    name = "knn"
+    summary = "weighted kNN on L2-normalised last-layer features (ML-kNN for multi-label), several k from one search"
+    Options = KNNOptions
+
+    def supports(self, dataset: ImageDataset) -> str | None:
+        return _classification_only(dataset)
+
+    def variant(self, params: dict[str, Any]) -> str:
+        return f"{params['method']} k={params['k']}"
+
+    def units(self, options: KNNOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        # deterministic: one unit per k, recorded with the first seed
+        method = "mlknn" if dataset.task.kind == "multilabel" else "knn"
+        return [Unit(self.name, {"k": k, "temperature": options.temperature, "pooling": options.pooling,
+                                 "method": method}, seeds[0]) for k in options.k]
+
+    def run(self, unit: Unit, options: KNNOptions, ctx: UnitContext) -> UnitResult:
+        store = ctx.features(FeatureNeeds(1))
+        target = ctx.memo.setdefault("target:dataset", dataset_target(store))
+        scores = _knn_scores(ctx, options, target, target.task == "multilabel")[unit.params["k"]]
+        return UnitResult(_score(target, "test", scores, ctx, unit.seed), {"method": unit.params["method"]})
+
+
+# --------------------------------------------------------------------------- linear sweep
+Variant = Literal["cls", "cls+mean"]
+
+
+@dataclass
+class LinearOptions:
+    inputs: list[Variant] = field(default_factory=lambda: ["cls", "cls+mean"])
+    blocks: list[int] = field(default_factory=lambda: [1, 4])
+    epochs: int = 10
+    lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    class_weighting: bool = False
+    select_metric: Literal["auroc", "auprc", "accuracy", "kappa"] = "auroc"
+    pooling: Pooling = "mean"
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
+        require(all(lr > 0 for lr in self.lrs), f"lrs: every learning rate must be > 0, got {self.lrs}")
+        require(all(b >= 1 for b in self.blocks), f"blocks: numbers of last blocks must be >= 1, got {self.blocks}")
+        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+def _variant_inputs(ctx: UnitContext, store, split: str, options: LinearOptions, rows: np.ndarray | None
+                    ) -> dict[str, torch.Tensor]:
+    out = {}
+    for variant in options.inputs:
+        for n in options.blocks:
+            x = _pooled(ctx, store, split, variant, n, options.pooling)
+            out[f"{variant}@{n}"] = torch.from_numpy(np.ascontiguousarray(x if rows is None else x[rows]))
+    return out
+
+
+def run_linear(ctx: UnitContext, options: LinearOptions, target: Target, seed: int,
+               train_rows: np.ndarray | None = None) -> UnitResult:
+    """One linear sweep (all inputs × blocks × learning rates in one pass), scored on test."""
+    store = ctx.features(FeatureNeeds(max(options.blocks)))
+    tr, te = _split(store, "train"), _split(store, "test")
+    keep_tr = np.flatnonzero(target.keep[tr]) if train_rows is None else train_rows
+    has_val = "val" in store.splits and target.keep["val"].any()
+    val = _variant_inputs(ctx, store, "val", options, np.flatnonzero(target.keep["val"])) if has_val else None
+    result = linear_sweep(
+        _variant_inputs(ctx, store, tr, options, keep_tr), target.y[tr][keep_tr],
+        val, target.y["val"][target.keep["val"]] if has_val else None,
+        _variant_inputs(ctx, store, te, options, np.flatnonzero(target.keep[te])),
+        task=target.task, num_classes=len(target.class_names), lrs=options.lrs, epochs=options.epochs,
+        batch_size=options.batch_size, weight_decay=options.weight_decay, class_weighting=options.class_weighting,
+        seed=seed, select_metric=options.select_metric)
+    info = {"best_input": result.best_variant, "best_lr": result.best_lr, "best_val": result.best_val,
+            "selected_on": getattr(result, "selected_on", "val" if has_val else "train"),
+            "heads": len(result.val_table), "train_samples": int(len(keep_tr))}
+    return UnitResult(_score(target, te, result.test_scores, ctx, seed), info)
+
+
+@register_protocol
+class Linear(Protocol):
+    name = "linear"
+    summary = "linear-probe sweep: CLS or CLS+mean-patch from the last 1/4 blocks x 13 learning rates in one pass"
+    Options = LinearOptions
+
+    def feature_needs(self, options: LinearOptions) -> FeatureNeeds:
+        return FeatureNeeds(max(options.blocks))
+
+    def supports(self, dataset: ImageDataset) -> str | None:
+        return _classification_only(dataset)
+
+    def units(self, options: LinearOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        params = {"inputs": list(options.inputs), "blocks": list(options.blocks), "epochs": options.epochs,
+                  "lrs": list(options.lrs), "class_weighting": options.class_weighting,
+                  "select_metric": options.select_metric}
+        return [Unit(self.name, params, s) for s in seeds]
+
+    def run(self, unit: Unit, options: LinearOptions, ctx: UnitContext) -> UnitResult:
+        target = ctx.memo.setdefault("target:dataset", dataset_target(ctx.features(self.feature_needs(options))))
+        return run_linear(ctx, options, target, unit.seed)
+
+
+# --------------------------------------------------------------------------- few-shot
+@dataclass
+class FewShotOptions:
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    repeats: int = 5
+    probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear", "knn"])
+    k: int = 20
+    temperature: float = 0.07
+    linear: dict[str, Any] = field(default_factory=lambda: {"inputs": ["cls"], "blocks": [1]})
+
+    def __post_init__(self) -> None:
+        require(all(s >= 1 for s in self.shots), f"shots: every value must be >= 1, got {self.shots}")
+        require(self.repeats >= 1, f"repeats: must be >= 1, got {self.repeats}")
+        require(self.k >= 1, f"k: must be >= 1, got {self.k}")
+        from medprobe.experiment.schema import parse
+        self.linear_options = parse(LinearOptions, self.linear, "protocols.fewshot.linear")
+
+
+@register_protocol
+class FewShot(Protocol):
+    name = "fewshot"
+    summary = "n patients per class from train (R draws), linear probe and kNN on each draw"
+    Options = FewShotOptions
+
+    def feature_needs(self, options: FewShotOptions) -> FeatureNeeds:
+        return FeatureNeeds(max(options.linear_options.blocks))
+
+    def supports(self, dataset: ImageDataset) -> str | None:
+        return _classification_only(dataset)
+
+    def variant(self, params: dict[str, Any]) -> str:
+        return f"fewshot {params['probe']} {params['shots']}-shot"
+
+    def units(self, options: FewShotOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        # the R draws are the seeds of few-shot; seed r draws a different training subset
+        return [Unit(self.name, {"shots": n, "probe": p, "k": options.k if p == "knn" else None,
+                                 "linear": options.linear if p == "linear" else None}, r)
+                for n in options.shots for p in options.probes for r in range(options.repeats)]
+
+    def run(self, unit: Unit, options: FewShotOptions, ctx: UnitContext) -> UnitResult:
+        store = ctx.features(self.feature_needs(options))
+        target = ctx.memo.setdefault("target:dataset", dataset_target(store))
+        tr = _split(store, "train")
+        rows = np.flatnonzero(target.keep[tr])
+        pids = [store.patient_ids(tr)[i] for i in rows]
+        chosen = rows[sample_fewshot(target.y[tr][rows], pids, unit.params["shots"], unit.seed, target.task)]
+        info = {"train_samples": int(len(chosen)), "train_patients": len({store.patient_ids(tr)[i] for i in chosen})}
+        if unit.params["probe"] == "linear":
+            res = run_linear(ctx, options.linear_options, target, unit.seed, train_rows=chosen)
+            res.info.update(info)
+            return res
+        te = _split(store, "test")
+        xtr = _pooled(ctx, store, tr, "cls", 1, "mean")[chosen]
+        xte = _pooled(ctx, store, te, "cls", 1, "mean")[target.keep[te]]
+        if target.task == "multilabel":
+            scores = mlknn_predict(xtr, target.y[tr][chosen], xte, ks=[options.k])[options.k]
+        else:
+            scores = knn_predict(xtr, target.y[tr][chosen], xte, num_classes=len(target.class_names), ks=[options.k],
+                                 temperature=options.temperature)[options.k]
+        return UnitResult(_score(target, te, scores, ctx, unit.seed), info)
+
+
+# --------------------------------------------------------------------------- metadata probing
+@dataclass
+class MetadataOptions:
+    columns: list[str]
+    probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear"])
+    k: int = 20
+    linear: dict[str, Any] = field(default_factory=lambda: {"inputs": ["cls"], "blocks": [1]})
+
+    def __post_init__(self) -> None:
+        require(len(self.columns) > 0, "columns: name at least one metadata column (e.g. sex, age_bin, view)")
+        from medprobe.experiment.schema import parse
+        self.linear_options = parse(LinearOptions, self.linear, "protocols.metadata.linear")
+
+
+@register_protocol
+class MetadataProbe(Protocol):
+    name = "metadata"
+    summary = "probe a metadata column (sex, age bin, view...) with the same linear/kNN probes (RAD-DINO)"
+    Options = MetadataOptions
+
+    def feature_needs(self, options: MetadataOptions) -> FeatureNeeds:
+        return FeatureNeeds(max(options.linear_options.blocks))
+
+    def variant(self, params: dict[str, Any]) -> str:
+        return f"metadata {params['column']} ({params['probe']})"
+
+    def units(self, options: MetadataOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        return [Unit(self.name, {"column": c, "probe": p}, s) for c in options.columns for p in options.probes
+                for s in (seeds if p == "linear" else seeds[:1])]
+
+    def run(self, unit: Unit, options: MetadataOptions, ctx: UnitContext) -> UnitResult:
+        store = ctx.features(self.feature_needs(options))
+        column = unit.params["column"]
+        target = ctx.memo.setdefault(f"target:{column}", metadata_target(store, column))
+        if unit.params["probe"] == "linear":
+            return run_linear(ctx, options.linear_options, target, unit.seed)
+        knn_opts = KNNOptions(k=[options.k])
+        scores = _knn_scores(ctx, knn_opts, target, multilabel=False)[options.k]
+        return UnitResult(_score(target, "test", scores, ctx, unit.seed), {"classes": list(target.class_names)})

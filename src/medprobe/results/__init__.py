@@ -1,0 +1,1 @@
+"""Results: SQLite store, tables, plots and reports."""
