@@ -85,17 +85,22 @@ def _ranked(pos: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, 
     """
     order = np.argsort(-s, kind="stable")
     sv, p = s[order], pos[order]
-    starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
     ws = w[:, order]
-    tp = np.add.reduceat(ws * p, starts, axis=1)   # positive weight per tie group (B, G)
-    fp = np.add.reduceat(ws * ~p, starts, axis=1)  # negative weight per tie group
+    tp = ws * p                                    # positive weight per sample, by decreasing score
+    if len(sv) > 1 and np.any(sv[1:] == sv[:-1]):  # merge tied scores into groups
+        starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
+        tp, ws = np.add.reduceat(tp, starts, axis=1), np.add.reduceat(ws, starts, axis=1)
+    fp = ws - tp                                   # negative weight per group
     ctp, cfp = tp.cumsum(1), fp.cumsum(1)
     n_pos, n_neg = ctp[:, -1], cfp[:, -1]
-    below = n_neg[:, None] - cfp                   # negative weight strictly below each group
-    auroc = _ratio((tp * (below + 0.5 * fp)).sum(1), n_pos * n_neg)
+    # sum_g tp_g * (negatives below g + fp_g / 2) = n_pos * n_neg - sum_g tp_g * (cfp_g - fp_g / 2)
+    fp *= 0.5
+    np.subtract(cfp, fp, out=fp)
+    auroc = _ratio(n_pos * n_neg - np.einsum("bg,bg->b", tp, fp), n_pos * n_neg)
     auroc[n_neg == 0] = np.nan
-    precision = np.divide(ctp, ctp + cfp, out=np.zeros_like(ctp), where=(ctp + cfp) > 0)
-    ap = _ratio((tp * precision).sum(1), n_pos)
+    cfp += ctp                                     # predicted positives at each threshold
+    precision = np.divide(ctp, cfp, out=np.zeros_like(ctp), where=cfp > 0)
+    ap = _ratio(np.einsum("bg,bg->b", tp, precision), n_pos)
     return auroc, ap
 
 
@@ -162,8 +167,8 @@ def _prepare(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: Seq
     """Validated ``(y, scores, class names)``; binary scores become the positive-class column."""
     check_choice(task, TASKS, "task")
     y, s = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
-    if y.shape[0] == 0:
-        raise ConfigError("metrics need at least one sample, got an empty y_true")
+    if y.ndim == 0 or y.shape[0] == 0:
+        raise ConfigError(f"metrics need at least one sample, got y_true of shape {y.shape}")
     if y.shape[0] != s.shape[0]:
         raise ConfigError(f"y_true has {y.shape[0]} samples but scores has {s.shape[0]}")
     bad = int((~np.isfinite(s)).sum())
@@ -197,7 +202,8 @@ def _prepare(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: Seq
         if y.max() >= c:
             raise ConfigError(f"y_true has class index {int(y.max())} but there are only {c} classes (0..{c - 1})")
     elif y.shape != s.shape:
-        raise ConfigError(f"multilabel task expects y_true and scores of equal shape (N, C), got {y.shape} and {s.shape}")
+        raise ConfigError(f"multilabel task expects y_true and scores of equal shape (N, C), "
+                          f"got {y.shape} and {s.shape}")
     return y, s, names
 
 
@@ -293,8 +299,13 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, cl
 
 
 def metric_value(y_true: np.ndarray, scores: np.ndarray, task: str, metric: str) -> float:
-    """The aggregate value of one classification metric (no bootstrap, no per-class rows); fast."""
+    """The aggregate value of one classification metric (no bootstrap, no per-class rows); fast.
+
+    Meant for model selection: non-finite scores (a diverged model) give NaN instead of an error.
+    """
     check_choice(metric, CLASSIFICATION_METRICS, "metric")
+    if not np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
+        return math.nan
     y, s, _ = _prepare(y_true, scores, task, None)
     if metric == "kappa" and task == "multilabel":
         raise ConfigError("kappa is defined for binary and multiclass tasks, not multilabel; "
@@ -334,16 +345,19 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
         raise ConfigError(f"segmentation metrics take a 2D image or 3D volume, got {p.ndim} dimensions {p.shape}")
     if len(class_names) != num_classes:
         raise ConfigError(f"num_classes is {num_classes} but {len(class_names)} class names were given")
-    for name, a in (("prediction", p), ("target", t)):
-        if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= num_classes:
+    maps = []
+    for name, a in (("prediction", p), ("target", t)):  # float maps holding whole numbers are accepted
+        if a.size and (not np.all(np.isfinite(a) & (a == np.round(a))) or a.min() < 0 or a.max() >= num_classes):
             raise ConfigError(f"{name} must be an integer label map with values in 0..{num_classes - 1}, "
                               f"got dtype {a.dtype} and values {np.unique(a)[:10].tolist()}")
+        maps.append(a.astype(np.int64, copy=False))
+    p, t = maps
     if spacing is not None and len(spacing) != p.ndim:
         raise ConfigError(f"spacing needs one value per axis ({p.ndim}), got {list(spacing)}")
     classes = list(range(0 if include_background else 1, num_classes))
     if not classes:
         raise ConfigError("no class to score: num_classes is 1 and include_background is False")
-    conf = np.bincount((t.ravel().astype(np.int64) * num_classes + p.ravel()),
+    conf = np.bincount(t.ravel() * num_classes + p.ravel(),
                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     tp = np.diag(conf)[classes].astype(np.float64)
     fn, fp = conf.sum(1)[classes] - tp, conf.sum(0)[classes] - tp

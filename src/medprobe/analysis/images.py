@@ -190,8 +190,9 @@ def require_patch_tokens(backbone: Backbone, what: str) -> None:
 # --------------------------------------------------------------------------- drawing
 def show_image(ax: Any, image: np.ndarray, title: str | None = None) -> None:
     """Draw a (S, S, 3) image in [0, 1] (grayscale images show as gray) without axes."""
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1,
-              interpolation="bilinear")
+    h, w = image.shape[:2]
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="bilinear",
+              extent=(0, w, h, 0))
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -208,6 +209,18 @@ def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, *, cmap: str = "infern
     ax.set_xlim(0, s_w)
     ax.set_ylim(s_h, 0)
     return art
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create the output folder ``path``; :class:`ConfigError` if that is impossible."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"cannot use {out} as output folder: it or one of its parents is a file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror}") from None
+    return out
 
 
 def write_caption(png: Path, title: str, description: str, **extra: Any) -> Path:

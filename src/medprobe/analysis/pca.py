@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from medprobe.analysis.images import (ImageSet, overlay, patch_tokens, prepare, require_patch_tokens, short_names,
-                                      show_image, write_caption)
+from medprobe.analysis.images import (ImageSet, ensure_dir, overlay, patch_tokens, prepare, require_patch_tokens,
+                                      short_names, show_image, write_caption)
 from medprobe.backbones.base import Backbone
 from medprobe.errors import ConfigError
 
@@ -187,8 +187,7 @@ def write_pca(result: PCAResult, display: np.ndarray, names: list[str], out_dir:
     """Write ``<stem>.png``, ``<stem>_rgb.npy``, ``<stem>_foreground.npy``, ``<stem>_pc1.npy`` and
     ``<stem>_components.csv`` (explained variance) into ``out_dir``."""
     import pandas as pd
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     files = {"png": plot_pca(result, display, names, out / f"{stem}.png", title)}
     for key, arr in (("rgb", result.rgb.astype(np.float32)), ("foreground", result.foreground),
                      ("pc1", result.first_component.astype(np.float32))):

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from medprobe.backbones.base import Backbone, BlockTokens, PreprocessSpec, TokenOutput
 from medprobe.backbones.registry import BackboneSpec, get_spec, list_backbones, register_backbone
 from medprobe.backbones.weights import parse_weights, save_dinov2_checkpoint
+
+RANDOM_INIT_SEED = 0
 
 __all__ = ["Backbone", "BackboneSpec", "BlockTokens", "PreprocessSpec", "TokenOutput", "create_backbone",
            "get_spec", "list_backbones", "register_backbone", "save_dinov2_checkpoint"]
@@ -34,7 +38,9 @@ def create_backbone(name: str, weights: str | None = "random", *, tiny: bool = F
         from medprobe.backbones.openclip_family import OpenCLIPTimmBackbone as cls
     else:
         from medprobe.backbones.openclip_family import OpenCLIPBackbone as cls
-    backbone = cls(spec, source, kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)  # `random` weights are the same on every build and machine
+        backbone = cls(spec, source, kwargs)
     backbone.tiny = tiny
     backbone.overrides = kwargs
     return backbone.eval()

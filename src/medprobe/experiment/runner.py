@@ -60,7 +60,7 @@ def build_datasets(config: ExperimentConfig) -> dict[str, ImageDataset]:
     for name, dc in config.dataset_configs.items():
         try:
             ds = build_dataset(dc.adapter, dc.root, **dc.options)
-        except ConfigError as e:
+        except MedprobeError as e:  # missing file, unknown option...: name the experiment key
             raise ConfigError(f"datasets.{name}: {e}") from None
         check_no_leakage(ds)
         out[name] = ds

@@ -71,7 +71,8 @@ def print_report(report: Report, console=None) -> None:
     for dataset, sub in s.groupby("dataset", sort=False):
         metric = report.headline.get(dataset)
         sub = sub[sub["metric"] == metric]
-        table = Table(title=f"{dataset}: {metric} (mean ± sd over seeds [bootstrap 95% CI])")
+        from rich.markup import escape
+        table = Table(title=escape(f"{dataset}: {metric} (mean ± sd over seeds [bootstrap 95% CI])"))
         for col in ("backbone", "weights", "protocol", "variant", "n", metric or "value"):
             table.add_column(col)
         for _, r in sub.iterrows():

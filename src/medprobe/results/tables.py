@@ -23,7 +23,7 @@ def load_results(output_dir: str | Path) -> pd.DataFrame:
             "SELECT r.key AS run_key, r.experiment, r.dataset, r.backbone, r.weights, r.protocol, r.variant, "
             "r.params_json, r.seed, r.wall_s, r.info_json, m.split, m.metric, m.class, m.value, m.ci_low, m.ci_high, "
             "m.note FROM runs r JOIN metrics m ON m.run_key = r.key WHERE r.status = 'done' "
-            "ORDER BY r.dataset, r.backbone, r.protocol, r.variant, m.metric, r.seed", conn)
+            "ORDER BY r.dataset, r.backbone, r.started_at, m.metric, r.seed", conn)
     return df
 
 

@@ -116,6 +116,7 @@ ADAPTER_MODULES: tuple[str, ...] = (
     "phantom",
     "medmnist",
     "manifest",
+    "nih_chestxray14",
 )
 
 for _module in ADAPTER_MODULES:

@@ -43,7 +43,8 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 def _upsampler(channels: int, factor: int) -> nn.Module:
@@ -75,7 +76,8 @@ class UNetDecoder(nn.Module):
         self.channels = ch
         # stage k (k = 0 coarsest) takes the skip from block 3 - k, at 2^k x the grid resolution
         self.skips = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(int(dims[3 - k]), ch[k], kernel_size=1), _upsampler(ch[k], 2 ** k)) for k in range(4))
+            nn.Sequential(nn.Conv2d(int(dims[3 - k]), ch[k], kernel_size=1), _upsampler(ch[k], 2 ** k))
+            for k in range(4))
         self.blocks = nn.ModuleList(conv_bn_relu(ch[k] + (ch[k - 1] if k else 0), ch[k]) for k in range(4))
         self.classifier = nn.Conv2d(ch[3], num_classes, kernel_size=1)
 
@@ -118,7 +120,7 @@ class UPerNetDecoder(nn.Module):
         # neck: block i -> scale i (4x, 2x, 1x, 0.5x), width channels
         self.neck = nn.ModuleList(
             nn.Sequential(nn.Conv2d(int(d), width, kernel_size=1), op)
-            for d, op in zip(dims, [m for m in _rescale_ops(width, width)]))
+            for d, op in zip(dims, _rescale_ops(width, width)))
         self.pool_scales = tuple(int(s) for s in pool_scales)
         # pooled branches have no batch norm: a 1x1 map of a batch of one has no statistics
         self.ppm = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True))

@@ -151,8 +151,8 @@ def input_masks(dataset: ImageDataset, items: SplitItems, geometry: Geometry) ->
     if key not in items.cache:
         out = np.zeros((len(items), geometry.size, geometry.size), dtype=np.uint8)
         row = 0
-        for pos, i in enumerate(items.records):
-            image, mask = load_case(dataset, int(i))
+        for i in items.records:
+            _, mask = load_case(dataset, int(i))
             for m in _as_items(dataset, mask, items.slice_axis):
                 out[row] = geometry.mask_to_input(m)
                 row += 1

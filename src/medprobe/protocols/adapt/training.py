@@ -1,0 +1,332 @@
+"""The one training loop of every adaptation protocol.
+
+:func:`fit` trains any model ``model(batch) -> logits`` on a :class:`Source`: AdamW (or Adam)
+with parameter groups (new parameters at ``lr``; pre-trained backbone weights at
+``backbone_lr`` with optional layer-wise decay; no weight decay on biases, norms and tokens),
+linear warm-up then cosine decay (or constant / step), bf16 autocast, gradient clipping,
+validation after every epoch (or several times per epoch), the best state by the validation
+metric kept and restored, early stopping, and records of wall time, steps to the best
+validation and peak memory. :func:`predict` scores a source and times inference.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from medprobe.errors import MedprobeError
+from medprobe.metrics import metric_value
+from medprobe.protocols.adapt.augment import Augmenter
+from medprobe.protocols.adapt.data import Batch, Source
+from medprobe.protocols.adapt.models import layer_ids
+from medprobe.protocols.adapt.peft import is_lora_param
+from medprobe.runtime import autocast
+
+SelectMetric = Literal["auroc", "accuracy", "loss"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one :func:`fit` call (the protocols fill it from their options)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    backbone_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    layer_decay: float = 1.0
+    grad_clip: float | None = 1.0
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    patience: int | None = 5
+    select_metric: SelectMetric = "auroc"
+    evals_per_epoch: int = 1
+    precision: str = "fp32"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    checkpoint: Path | None = None
+
+
+@dataclass
+class FitResult:
+    """What happened in :func:`fit` (the model holds the best state afterwards)."""
+
+    best_epoch: float
+    best_score: float
+    best_step: int
+    epochs_run: float
+    steps: int
+    train_wall_s: float
+    train_s_to_best: float
+    peak_memory_mb: float
+    memory_kind: str
+    stopped_early: bool
+    selected_on: str
+    history: list[dict[str, float]]
+
+
+# --------------------------------------------------------------------------- losses and scores
+def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if task == "multilabel":
+        return lambda logits, y: nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float())
+    return lambda logits, y: nn.functional.cross_entropy(logits.float(), y)
+
+
+def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities: softmax over classes (binary: the positive column), sigmoid for multi-label."""
+    logits = logits.float()
+    if task == "multilabel":
+        return torch.sigmoid(logits)
+    p = torch.softmax(logits, dim=1)
+    return p[:, 1] if task == "binary" else p
+
+
+# --------------------------------------------------------------------------- parameter groups
+def param_groups(model: nn.Module, cfg: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Optimizer groups: (lr scale, weight decay) buckets over the trainable parameters.
+
+    Backbone weights (not LoRA adapters) use ``backbone_lr`` scaled by ``layer_decay ** (L + 1 - id)``
+    where id is the parameter's layer (0 embeddings ... L + 1 final norm); everything else
+    (head, adapters, projections, pooling) uses ``lr``. Biases, norms and 1-D tensors get no
+    weight decay.
+    """
+    backbone = getattr(model, "backbone", None)
+    ids: dict[int, int] = {}
+    n_layers = 0
+    if backbone is not None:
+        names = layer_ids(backbone)
+        n_layers = len(backbone.block_modules())
+        by_name = dict(backbone.named_parameters())
+        ids = {id(by_name[n]): i for n, i in names.items() if not is_lora_param(n)}
+    base_backbone = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    counts = {"backbone": 0, "new": 0}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in ids:
+            lr = base_backbone * cfg.layer_decay ** (n_layers + 1 - ids[id(p)])
+            counts["backbone"] += p.numel()
+        else:
+            lr = cfg.lr
+            counts["new"] += p.numel()
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
+    out = [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return out, counts
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rates at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "step":  # x0.1 at 50% and 75% of training (MedMNIST reference recipe)
+        return 0.1 ** (int(progress >= 0.5) + int(progress >= 0.75))
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory while active: CUDA allocator peak, else the process's resident set (sampled)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.device, self.interval = device, interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_rss"
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_bytes = self.rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+# --------------------------------------------------------------------------- train / eval modes
+def set_train_mode(model: nn.Module) -> None:
+    """``train()`` for modules with something to learn; fully frozen sub-modules stay in eval mode.
+
+    So frozen blocks keep their BatchNorm statistics and run without dropout.
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy (on CPU) of what training changes: trainable parameters and all buffers."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, source: Source, cfg: TrainConfig, task: str) -> tuple[np.ndarray, float, float]:
+    """(scores, mean loss, seconds) of ``model`` on every sample of ``source``, in source order."""
+    model.eval()
+    criterion = loss_fn(task)
+    scores, total_loss = [], 0.0
+    _sync(cfg.device)
+    t0 = time.perf_counter()
+    for batch in source.batches(cfg.eval_batch_size, device=cfg.device):
+        with autocast(cfg.precision, cfg.device):
+            logits = model(batch)
+        total_loss += float(criterion(logits, batch.targets)) * batch.size
+        scores.append(to_scores(logits, task).cpu())
+    _sync(cfg.device)
+    seconds = time.perf_counter() - t0
+    out = torch.cat(scores).numpy() if scores else np.zeros((0,))
+    return out.astype(np.float64), total_loss / max(1, len(source)), seconds
+
+
+def selection_score(labels: np.ndarray, scores: np.ndarray, loss: float, task: str, metric: SelectMetric) -> float:
+    """Higher is better: the validation metric, or minus the loss."""
+    if metric == "loss":
+        return -loss
+    return metric_value(labels, scores, task, metric)
+
+
+# --------------------------------------------------------------------------- the loop
+def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, task: str, *,
+        augment: Augmenter | None = None, log: Callable[[str], None] | None = None) -> FitResult:
+    """Train ``model`` in place and leave it holding its best state (by validation, else the last)."""
+    device = cfg.device
+    model.to(device)
+    groups, _ = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(groups, lr=cfg.lr)
+    trainable = [p for g in groups for p in g["params"]]
+    criterion = loss_fn(task)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    drop_last = len(train) > cfg.batch_size  # no 1-sample batches (BatchNorm) unless the set is tiny
+    steps_per_epoch = max(1, len(train) // cfg.batch_size if drop_last else math.ceil(len(train) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    metric = cfg.select_metric
+    if val is not None and metric == "auroc" and len(np.unique(val.labels, axis=0)) < 2:
+        metric = "loss"  # AUROC undefined on a single-class validation set
+    selected_on = f"val {metric}" if val is not None else "last epoch (no validation split)"
+
+    history: list[dict[str, float]] = []
+    best = {"score": -math.inf, "step": 0, "state": None, "t": 0.0}
+    bad_evals, stopped, step = 0, False, 0
+    memory = PeakMemory(device)
+    t0 = time.perf_counter()
+    with memory:
+        while step < total and not stopped:
+            set_train_mode(model)
+            batches: Iterator[Batch] = train.batches(cfg.batch_size, shuffle=True, generator=generator, device=device,
+                                                     augment=augment, drop_last=drop_last)
+            for batch in batches:
+                factor = lr_factor(step, total, warmup, cfg.schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                with autocast(cfg.precision, device):
+                    logits = model(batch)
+                loss = criterion(logits, batch.targets)
+                if not torch.isfinite(loss):
+                    raise MedprobeError(f"training diverged: loss is {float(loss)} at step {step + 1}; "
+                                        "lower lr/backbone_lr or enable grad_clip")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                pos = step % steps_per_epoch  # 0 at the end of an epoch
+                if pos == 0 or step == total or (pos % eval_every == 0 and pos // eval_every < cfg.evals_per_epoch):
+                    record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.detach().item(),
+                              "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - t0}
+                    if val is not None:
+                        scores, val_loss, _ = predict(model, val, cfg, task)
+                        score = selection_score(val.labels, scores, val_loss, task, metric)
+                        record.update(val_loss=val_loss, val_score=score)
+                        set_train_mode(model)
+                    else:
+                        score = float(step)  # without validation the last state is kept
+                    history.append(record)
+                    if log:
+                        log(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                    if score > best["score"] or best["state"] is None:
+                        best.update(score=score, step=step, state=trainable_state(model),
+                                    t=time.perf_counter() - t0)
+                        bad_evals = 0
+                        if cfg.checkpoint is not None:
+                            _save(best["state"], cfg.checkpoint)
+                    elif not math.isnan(score):
+                        bad_evals += 1
+                    if cfg.patience and val is not None and bad_evals >= cfg.patience * cfg.evals_per_epoch:
+                        stopped = True
+                        break
+                if step >= total:
+                    break
+    wall = time.perf_counter() - t0
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    return FitResult(best_epoch=best["step"] / steps_per_epoch, best_score=float(best["score"]), best_step=best["step"],
+                     epochs_run=step / steps_per_epoch, steps=step, train_wall_s=wall, train_s_to_best=best["t"],
+                     peak_memory_mb=memory.peak_mb, memory_kind=memory.kind, stopped_early=stopped,
+                     selected_on=selected_on, history=history)
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
