@@ -1,6 +1,7 @@
 """``medprobe analyze {pca,cka,attention,correspondence,ranking}``: pictures (PNG) and their numbers
 (CSV/NPY) of what a backbone's features look like. Put them under ``OUTPUT_DIR/analysis/`` to
 have ``medprobe report OUTPUT_DIR --html`` include them."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from medprobe.errors import ConfigError
+
+DESCRIPTION = ("Pictures (PNG) and the numbers behind them (CSV/NPY) of what a backbone's features look like. "
+               "Write them under OUTPUT_DIR/analysis/ and `medprobe report OUTPUT_DIR --html` includes them.")
 
 
 def _int_list(text: str) -> list[int]:
@@ -66,7 +70,7 @@ def _add_out(p: argparse.ArgumentParser) -> None:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``medprobe analyze`` and its five analyses."""
     top = sub.add_parser("analyze", help="look inside the features: pca, cka, attention, correspondence, ranking",
-                         description=__doc__)
+                         description=DESCRIPTION)
     asub = top.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
 
     p = asub.add_parser("pca", help="PCA of patch tokens fitted jointly over images, first 3 components as RGB")
@@ -78,6 +82,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--background", choices=["auto", "low", "high", "none"], default="auto",
                    help="which side of the first component is background: auto (the side of the image borders), "
                         "low, high, or none (keep all patches)")
+    p.add_argument("--clip-percentile", type=float, default=1.0,
+                   help="scale each colour between this percentile and 100 minus it (default 1; 0 = min-max)")
     _add_out(p)
     p.set_defaults(handler=cmd_pca)
 
@@ -161,7 +167,8 @@ def cmd_pca(args: argparse.Namespace) -> int:
     require_patch_tokens(bb, "PCA of patch tokens")
     imgs = _images(args)
     result, display = patch_pca(bb, imgs, image_size=args.image_size, block=args.block, threshold=args.threshold,
-                                background=args.background, batch_size=args.batch_size)
+                                background=args.background, clip_percentile=args.clip_percentile,
+                                batch_size=args.batch_size)
     _report(write_pca(result, display, imgs.names, args.out, title=_title(bb, "PCA of patch tokens")), [bb])
     return 0
 

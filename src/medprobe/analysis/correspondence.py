@@ -105,23 +105,22 @@ def plot_correspondence(result: CorrespondenceResult, display: np.ndarray, names
     p, t = result.similarity.shape[:2]
     targets = display[1:] if len(display) > 1 else display[:1]
     tnames = short_names(names[1:] if len(names) > 1 else names[:1], 22)
-    fig, axes = plt.subplots(p, 1 + t, figsize=(2.2 * (1 + t), 2.3 * p + 0.5), squeeze=False)
+    fig, axes = plt.subplots(p, 1 + t, figsize=(2.2 * (1 + t) + 0.6, 2.3 * p + 0.5), squeeze=False,
+                             layout="constrained")
     ps = result.patch_size
     for i in range(p):
         colour = _COLOURS[i % len(_COLOURS)]
         show_image(axes[i, 0], display[0], short_names(names[:1], 22)[0] + " (query)" if i == 0 else None)
         qx, qy = result.query_xy[i]
         axes[i, 0].scatter([qx], [qy], s=70, facecolors="none", edgecolors=colour, linewidths=2)
+        lo, hi = float(result.similarity[i].min()), float(result.similarity[i].max())  # one scale per row
         for j in range(t):
-            sim = result.similarity[i, j]
-            art = overlay(axes[i, 1 + j], targets[j], sim, cmap="inferno", alpha=0.65,
-                          title=tnames[j] if i == 0 else None)
+            art = overlay(axes[i, 1 + j], targets[j], result.similarity[i, j], cmap="inferno", alpha=0.6,
+                          vmin=lo, vmax=hi, title=tnames[j] if i == 0 else None)
             r, c = result.best[i, j]
             axes[i, 1 + j].scatter([(c + 0.5) * ps], [(r + 0.5) * ps], s=60, marker="x", c=colour, linewidths=2)
-            if j == t - 1:
-                fig.colorbar(art, ax=axes[i, 1 + j], fraction=0.046, label="cosine")
+        fig.colorbar(art, ax=list(axes[i, 1:]), fraction=0.046, label="cosine")
     fig.suptitle(f"{title}\nquery patch (circle) vs every target patch; x = best match", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

@@ -232,4 +232,6 @@ def write_caption(png: Path, title: str, description: str, **extra: Any) -> Path
 
 
 def short_names(names: Sequence[str], width: int = 28) -> list[str]:
-    return [n if len(n) <= width else "…" + n[-(width - 1):] for n in names]
+    """Names cut to ``width`` characters in the middle (keeps the start and e.g. a ``[slice k]`` tail)."""
+    head = max(1, (width - 1) // 2)
+    return [n if len(n) <= width else n[:head] + "…" + n[-(width - 1 - head):] for n in names]

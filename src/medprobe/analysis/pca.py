@@ -101,14 +101,19 @@ def _border(n: int, h: int, w: int) -> np.ndarray:
 
 
 def pca_from_tokens(tokens: np.ndarray | torch.Tensor, *, threshold: float = 0.5, background: Background = "auto",
-                    n_components: int = 3) -> PCAResult:
+                    n_components: int = 3, clip_percentile: float = 1.0) -> PCAResult:
     """Joint PCA of patch tokens (N, D, h, w) of N images.
 
     ``background``: ``auto`` orients the first component so that the border patches (mostly
     background in medical images) are low; ``low``/``high`` say on which side of the first
     component the background lies; ``none`` keeps every patch. Patches whose scaled first
-    component is <= ``threshold`` are background.
+    component is <= ``threshold`` are background. Each RGB component is scaled to [0, 1]
+    between its ``clip_percentile`` and ``100 - clip_percentile`` percentiles over the
+    foreground patches of all images (0 = plain min-max, where a few outlying patches wash out
+    the colours of all others).
     """
+    if not 0.0 <= clip_percentile < 50.0:
+        raise ConfigError(f"clip_percentile must be in [0, 50), got {clip_percentile}")
     if background not in ("auto", "low", "high", "none"):
         raise ConfigError(f"background must be auto, low, high or none, got {background!r}")
     if not 0.0 <= threshold < 1.0:
@@ -138,22 +143,23 @@ def pca_from_tokens(tokens: np.ndarray | torch.Tensor, *, threshold: float = 0.5
                               f"lower --threshold or use --background none")
     basis = fit_pca(x[fg], n_components)
     y = basis.transform(x[fg])
-    lo, hi = y.min(axis=0), y.max(axis=0)
+    lo, hi = np.percentile(y, [clip_percentile, 100.0 - clip_percentile], axis=0)
     rgb = np.zeros((len(x), 3))
-    rgb[fg, :y.shape[1]] = (y - lo) / np.maximum(hi - lo, 1e-12)
+    rgb[fg, :y.shape[1]] = np.clip((y - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
     return PCAResult(rgb=rgb.reshape(n, h, w, 3), foreground=fg.reshape(n, h, w),
                      first_component=pc1.reshape(n, h, w), basis=basis, background_basis=bg_basis,
                      rgb_range=np.stack([lo, hi], axis=1), threshold=threshold, background=background)
 
 
 def patch_pca(backbone: Backbone, images: ImageSet, *, image_size: int | None = None, block: int = -1,
-              threshold: float = 0.5, background: Background = "auto", batch_size: int = 16
-              ) -> tuple[PCAResult, np.ndarray]:
+              threshold: float = 0.5, background: Background = "auto", clip_percentile: float = 1.0,
+              batch_size: int = 16) -> tuple[PCAResult, np.ndarray]:
     """Run ``backbone`` on ``images`` and fit the joint patch PCA; returns (result, display images)."""
     require_patch_tokens(backbone, "PCA of patch tokens")
     prep = prepare(backbone, images, image_size)
     tokens = patch_tokens(backbone, prep.inputs, block=block, batch_size=batch_size)
-    return pca_from_tokens(tokens, threshold=threshold, background=background), prep.display
+    return pca_from_tokens(tokens, threshold=threshold, background=background,
+                           clip_percentile=clip_percentile), prep.display
 
 
 def plot_pca(result: PCAResult, display: np.ndarray, names: list[str], path: Path, title: str = "") -> Path:

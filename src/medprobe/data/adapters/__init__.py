@@ -117,6 +117,20 @@ ADAPTER_MODULES: tuple[str, ...] = (
     "medmnist",
     "manifest",
     "nih_chestxray14",
+    "chexpert",
+    "montgomery",
+    "shenzhen",
+    "sarscov2_ct",
+    "amos",
+    "msd",
+    "figshare_brain_tumor",
+    "vindr_cxr",
+    "rsna_pneumonia",
+    "candid_ptx",
+    "aptos2019",
+    "cbis_ddsm",
+    "isic2019",
+    "padchest",
 )
 
 for _module in ADAPTER_MODULES:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -466,16 +467,18 @@ def dicom_header(path: Path, tags: Sequence[str] = ("PatientSex", "PatientAge", 
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(tags))
-    except InvalidDicomError:
-        raise DataError(f"{path}: not a valid DICOM file (no DICOM header; corrupt or not DICOM)") from None
-    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: cannot read DICOM header (corrupt or truncated?): {e}") from None
-    out: dict[str, Any] = {}
-    for t in tags:
-        v = ds.get(t)
-        out[t] = str(v).strip() if v is not None and str(v).strip() else None
+    with warnings.catch_warnings():  # e.g. RSNA's PatientAge "51" is not a valid DICOM AS value; it is parsed anyway
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(tags))
+        except InvalidDicomError:
+            raise DataError(f"{path}: not a valid DICOM file (no DICOM header; corrupt or not DICOM)") from None
+        except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: cannot read DICOM header (corrupt or truncated?): {e}") from None
+        out: dict[str, Any] = {}
+        for t in tags:
+            v = ds.get(t)
+            out[t] = str(v).strip() if v is not None and str(v).strip() else None
     return out
 
 
