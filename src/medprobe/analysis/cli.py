@@ -1,7 +1,6 @@
 """``medprobe analyze {pca,cka,attention,correspondence,ranking}``: pictures (PNG) and their numbers
 (CSV/NPY) of what a backbone's features look like. Put them under ``OUTPUT_DIR/analysis/`` to
 have ``medprobe report OUTPUT_DIR --html`` include them."""
-
 from __future__ import annotations
 
 import argparse

@@ -149,7 +149,9 @@ class TrainConfig:
     warms up linearly over ``teacher_temp_warmup_steps``, then stays at its end value.
     ``layer_decay`` scales the lr of block i by decay**(depth + 1 - i) (1 = off);
     ``freeze_last_layer_steps`` keeps the prototypes fixed at the start. ``max_minutes``
-    stops early (checkpoint and teacher written) when the time is up.
+    stops this invocation early (checkpoint and teacher written) when the time is up; running
+    again continues the same schedules. ``workers``: processes
+    building the augmented batches (0 = in the training process; results are identical).
     """
 
     steps: int = 1000
@@ -174,8 +176,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_minutes: float | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        require(self.workers >= 0, f"train.workers must be >= 0 (0 = build batches in the training process), "
+                                   f"got {self.workers}")
         require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -260,7 +265,7 @@ class PretrainConfig:
         d = copy.deepcopy(self.to_dict())
         d.pop("name", None)
         d.pop("output_dir", None)
-        for k in ("checkpoint_every", "keep_checkpoints", "max_minutes", "device"):
+        for k in ("checkpoint_every", "keep_checkpoints", "max_minutes", "device", "workers"):
             d["train"].pop(k, None)
         return json.loads(json.dumps(d))
 

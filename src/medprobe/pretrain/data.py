@@ -8,9 +8,7 @@ multi-process run sees exactly the same global batches as a single uninterrupted
 """
 from __future__ import annotations
 
-import queue
 import random
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,37 +202,35 @@ class BatchMaker:
                      masks=torch.from_numpy(np.ascontiguousarray(all_masks)), step=step)
 
 
-def prefetch_batches(maker: BatchMaker, start: int, stop: int, depth: int = 2) -> Iterator[Batch]:
-    """Yield ``maker.make(step)`` for steps ``start..stop-1``, built one or two steps ahead in a thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    halt = threading.Event()
+class _Steps(torch.utils.data.Dataset):
+    """Step ``start + i`` -> its batch (lets a DataLoader build batches in worker processes)."""
 
-    def work() -> None:
-        try:
-            for step in range(start, stop):
-                if halt.is_set():
-                    return
-                q.put(maker.make(step))
-            q.put(done)
-        except BaseException as e:  # hand errors to the consumer
-            q.put(e)
+    def __init__(self, maker: BatchMaker, start: int, stop: int) -> None:
+        self.maker, self.start, self.stop = maker, start, stop
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        halt.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.maker.make(self.start + i)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # many tiny ops: one thread each avoids contention with the training process
+
+
+def iterate_batches(maker: BatchMaker, start: int, stop: int, workers: int = 0) -> Iterator[Batch]:
+    """Batches of steps ``start..stop-1``, built in ``workers`` background processes (0 = in this process).
+
+    Every batch is a pure function of its step, so the number of workers never changes the result.
+    """
+    if workers <= 0:
+        for step in range(start, stop):
+            yield maker.make(step)
+        return
+    import multiprocessing
+    context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # loaders need not pickle
+    loader = torch.utils.data.DataLoader(_Steps(maker, start, stop), batch_size=None, shuffle=False,
+                                         num_workers=workers, worker_init_fn=_worker_init, prefetch_factor=2,
+                                         multiprocessing_context=context)
+    yield from loader

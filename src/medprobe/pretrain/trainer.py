@@ -35,7 +35,7 @@ from torch import nn
 from medprobe.errors import ConfigError, MedprobeError, WeightsError
 from medprobe.pretrain.augment import MultiCrop
 from medprobe.pretrain.config import PretrainConfig
-from medprobe.pretrain.data import BatchMaker, _mix, open_source, prefetch_batches
+from medprobe.pretrain.data import BatchMaker, _mix, iterate_batches, open_source
 from medprobe.pretrain.heads import DINOHead, SSLNetwork
 from medprobe.pretrain.losses import (SoftmaxCenter, all_reduce_sum, dino_loss, ibot_loss, koleo_loss,
                                       sinkhorn_knopp)
@@ -177,6 +177,15 @@ def build_networks(cfg: PretrainConfig) -> tuple[Any, SSLNetwork, SSLNetwork]:
 def _clone(module: nn.Module) -> nn.Module:
     import copy
     return copy.deepcopy(module)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student`` for every parameter."""
+    t = list(teacher.parameters())
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
 def param_groups(student: SSLNetwork, layer_decay: float, patch_embed_mult: float) -> list[dict[str, Any]]:
@@ -482,13 +491,6 @@ class Trainer:
             if ps:
                 torch.nn.utils.clip_grad_norm_(ps, c)
 
-    @torch.no_grad()
-    def _ema(self, momentum: float) -> None:
-        t = [p for p in self.teacher.parameters()]
-        s = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
-
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimisation step on ``batch``; returns the logged row (losses averaged over processes)."""
         step = batch.step
@@ -503,7 +505,7 @@ class Trainer:
         self._sync_gradients()
         self._clip()
         self.optimizer.step()
-        self._ema(v.momentum)
+        ema_update(self.teacher, self.student, v.momentum)
         values = torch.stack([losses[k].detach().float() for k in ("total", "dino", "ibot", "koleo")])
         values = all_reduce_sum(values) / self.dist.world_size
         total, dino, ibot, koleo = (float(x) for x in values.cpu())
@@ -534,7 +536,7 @@ class Trainer:
         start_elapsed = self.elapsed
         stopped_early = False
         try:
-            for batch in prefetch_batches(self.batches, self.step, t.steps):
+            for batch in iterate_batches(self.batches, self.step, t.steps, t.workers):
                 row = self.train_step(batch)
                 if not all(math.isfinite(row[k]) for k in ("total", "dino", "ibot", "koleo")):
                     raise MedprobeError(f"pretraining diverged at step {row['step']} (loss {row['total']}); "
@@ -549,7 +551,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['total']:.3f}", dino=f"{row['dino']:.3f}", ibot=f"{row['ibot']:.3f}")
                 if self.on_step is not None:
                     self.on_step(self.step, row)
-                out_of_time = t.max_minutes is not None and self.elapsed > 60 * t.max_minutes
+                out_of_time = (t.max_minutes is not None  # per invocation: a rerun gets a fresh budget
+                               and time.perf_counter() - start_clock > 60 * t.max_minutes)
                 if self.dist.world_size > 1:
                     flag = torch.tensor([float(out_of_time)], device=self.dist.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
