@@ -44,7 +44,7 @@ def experiment(data: str, out: Path, args: argparse.Namespace) -> dict:
             "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam", "lr": 1e-3,
             "weight_decay": 0.0, "warmup_epochs": 0, "schedule": "cosine", "grad_clip": None,
             "augment": [], "patience": None, "select_metric": "auroc", "evals_per_epoch": args.evals_per_epoch,
-            "small_input_stem": "on"}},
+            "small_input_stem": "on", "class_weighting": args.class_weighting}},
     }
 
 
@@ -52,9 +52,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data/medmnist/pneumoniamnist.npz")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--evals-per-epoch", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=True,
+                    help="class-balanced cross-entropy (default on; --no-class-weighting for plain CE)")
     args = ap.parse_args()
     if not Path(args.data).is_file():
         print(f"PneumoniaMNIST not found at {args.data}; pass --data PATH", file=sys.stderr)
@@ -82,7 +84,8 @@ def main() -> int:
         by_seed.setdefault(seed, {})[metric] = value
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"ResNet-18 from scratch, PneumoniaMNIST 28 px, {args.epochs} epoch(s), batch {args.batch_size}, "
-          f"Adam lr 1e-3, selected on val AUROC ({args.evals_per_epoch} evaluations per epoch)")
+          f"Adam lr 1e-3 cosine, {'class-balanced ' if args.class_weighting else ''}cross-entropy, selected on val AUROC "
+          f"({args.evals_per_epoch} evaluations per epoch)")
     for seed, m in sorted(by_seed.items()):
         print(f"  seed {seed}: test auroc {m['auroc']:.4f}  accuracy {m['accuracy']:.4f}  "
               f"best at epoch {m['epochs_to_best']:.2f}  train {m['train_wall_s']:.0f} s  "

@@ -30,7 +30,7 @@ from medprobe.protocols.adapt.data import EmbeddingSource, ImageSource, Source
 from medprobe.protocols.adapt.models import (AppendedDeiT, BackboneEncoder, Classifier, count_params, layer_ids,
                                              small_input_stem)
 from medprobe.protocols.adapt.peft import apply_bitfit, apply_lora
-from medprobe.protocols.adapt.training import FitResult, TrainConfig, fit, predict
+from medprobe.protocols.adapt.training import FitResult, TrainConfig, balanced_weights, fit, predict
 from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
 
 CLASSIFICATION = ("binary", "multiclass", "multilabel")
@@ -63,6 +63,7 @@ class TrainOptions:
     zoom: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.1
+    class_weighting: bool = False
     head_input: Literal["cls", "cls+mean"] = "cls"
     pooling: Literal["mean", "max", "attention"] = "mean"
     save_checkpoint: bool = False
@@ -169,7 +170,9 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
                       eval_batch_size=batch_size if volumetric else max(batch_size, ctx.batch_size),
                       patience=options.patience,
                       select_metric=options.select_metric, evals_per_epoch=options.evals_per_epoch,
-                      precision=ctx.precision, device=ctx.device, seed=unit.seed, checkpoint=ckpt)
+                      precision=ctx.precision, device=ctx.device, seed=unit.seed, checkpoint=ckpt,
+                      class_weights=balanced_weights(sources["train"].labels, task, _class_count(ctx.dataset))
+                      if options.class_weighting else None)
     aug = Augmenter(options.augment_spec) if augment and options.augment_spec.active else None
     result = fit(model, sources["train"], sources.get("val"), cfg, task, augment=aug)
     test = sources["test"]

@@ -56,6 +56,7 @@ class TrainConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     checkpoint: Path | None = None
+    class_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,10 +78,23 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- losses and scores
-def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_fn(task: str, weights: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy (binary/multiclass, ``weights`` per class) or BCE (multi-label, ``weights`` = pos_weight)."""
     if task == "multilabel":
-        return lambda logits, y: nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float())
-    return lambda logits, y: nn.functional.cross_entropy(logits.float(), y)
+        return lambda logits, y: nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), y.float(), pos_weight=None if weights is None else weights.to(logits.device))
+    return lambda logits, y: nn.functional.cross_entropy(
+        logits.float(), y, weight=None if weights is None else weights.to(logits.device))
+
+
+def balanced_weights(labels: np.ndarray, task: str, num_classes: int) -> torch.Tensor:
+    """Class weights N / (C * n_c) (multi-label: pos_weight n_neg / n_pos), so every class weighs the same."""
+    labels = np.asarray(labels)
+    if task == "multilabel":
+        pos = labels.sum(0).astype(np.float64)
+        return torch.tensor((len(labels) - pos) / np.maximum(pos, 1.0), dtype=torch.float32)
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1.0)), dtype=torch.float32)
 
 
 def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -250,7 +264,7 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=cfg.lr)
     trainable = [p for g in groups for p in g["params"]]
-    criterion = loss_fn(task)
+    criterion = loss_fn(task, cfg.class_weights)
     generator = torch.Generator().manual_seed(cfg.seed)
     drop_last = len(train) > cfg.batch_size  # no 1-sample batches (BatchNorm) unless the set is tiny
     steps_per_epoch = max(1, len(train) // cfg.batch_size if drop_last else math.ceil(len(train) / cfg.batch_size))
