@@ -346,3 +346,13 @@ def test_streamed_images_match_cached(phantom):
         assert torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets)
     reference = pre([phantom.load_image(int(i)) for i in idx[:8]])  # the frozen path's preprocessing
     torch.testing.assert_close(next(cached.batches(8)).inputs, reference, atol=2e-3, rtol=0)
+
+
+def test_class_weighting_balances_classes():
+    w = training.balanced_weights(np.array([0, 1, 1, 1]), "binary", 2)
+    torch.testing.assert_close(w, torch.tensor([2.0, 2 / 3]))
+    assert float(w[0]) * 1 == pytest.approx(float(w[1]) * 3)  # each class weighs the same in total
+    pos = training.balanced_weights(np.array([[1, 0], [0, 0], [1, 1], [0, 0]]), "multilabel", 2)
+    torch.testing.assert_close(pos, torch.tensor([1.0, 3.0]))
+    loss = training.loss_fn("binary", w)(torch.zeros(4, 2), torch.tensor([0, 1, 1, 1]))
+    assert float(loss) == pytest.approx(np.log(2))

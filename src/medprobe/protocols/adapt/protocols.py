@@ -34,6 +34,7 @@ from medprobe.protocols.adapt.training import FitResult, TrainConfig, balanced_w
 from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
 
 CLASSIFICATION = ("binary", "multiclass", "multilabel")
+IMAGE_CACHE_MB = 4096.0  # prepared images kept in memory (float16) per dataset; larger sets are streamed
 Mode = Literal["frozen", "unfrozen"]
 
 
@@ -130,7 +131,9 @@ def _image_sources(ctx: UnitContext, pre: Preprocessor, seed: int) -> tuple[dict
     key = "adapt:images:" + json.dumps(pre.describe(), sort_keys=True, default=str) + ("" if has_val else f":{seed}")
     if key not in ctx.memo:
         idx, how = _splits(ctx.dataset, seed)
-        ctx.memo[key] = ({s: ImageSource(ctx.dataset, i, pre) for s, i in idx.items()}, how)
+        total = max(1, sum(len(i) for i in idx.values()))  # the in-memory budget is shared by the splits
+        ctx.memo[key] = ({s: ImageSource(ctx.dataset, i, pre, cache_mb=IMAGE_CACHE_MB * len(i) / total)
+                          for s, i in idx.items()}, how)
     return ctx.memo[key]
 
 

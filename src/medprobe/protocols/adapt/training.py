@@ -316,13 +316,14 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
                     history.append(record)
                     if log:
                         log(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                    score = -math.inf if math.isnan(score) else score  # an undefined metric never wins
                     if score > best["score"] or best["state"] is None:
                         best.update(score=score, step=step, state=trainable_state(model),
                                     t=time.perf_counter() - t0)
                         bad_evals = 0
                         if cfg.checkpoint is not None:
                             _save(best["state"], cfg.checkpoint)
-                    elif not math.isnan(score):
+                    else:
                         bad_evals += 1
                     if cfg.patience and val is not None and bad_evals >= cfg.patience * cfg.evals_per_epoch:
                         stopped = True
