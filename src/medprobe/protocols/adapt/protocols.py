@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -222,9 +221,6 @@ class AdaptProtocol(Protocol):
     def build(self, unit: Unit, options: Any, ctx: UnitContext) -> tuple[Classifier, Backbone, dict[str, Any]]:
         """The model to train (requires_grad set), the backbone whose preprocessing applies, and info."""
         raise NotImplementedError
-
-    def encoder_backbone(self, ctx: UnitContext) -> Backbone:
-        return ctx.backbone()
 
     def run(self, unit: Unit, options: Any, ctx: UnitContext) -> UnitResult:
         torch.manual_seed(unit.seed)
