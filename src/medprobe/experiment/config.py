@@ -85,32 +85,42 @@ class ExperimentConfig:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML) to the raw mapping."""
+    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML) to a raw mapping."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (e.g. protocols.linear.epochs=5), got {item!r}")
         path, value = item.split("=", 1)
         node = raw
-        keys = path.strip().split(".")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set: empty key in {item!r}")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {path}: {k!r} is not a mapping")
-        node[keys[-1]] = yaml.safe_load(value)
+        try:
+            node[keys[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {path}: value {value!r} is not valid YAML: {e}") from None
     return raw
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML file (structure only; see ``runner.validate``)."""
+def read_yaml_mapping(path: str | Path, what: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping and apply ``--set`` overrides to it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    return parse(ExperimentConfig, raw, path.name)
+    return apply_overrides(raw, overrides or [])
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML file (structure only; see ``runner.validate``)."""
+    raw = read_yaml_mapping(path, "experiment file", overrides)
+    return parse(ExperimentConfig, raw, Path(path).name)

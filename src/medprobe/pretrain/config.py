@@ -15,9 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from medprobe.errors import ConfigError
+from medprobe.experiment.config import read_yaml_mapping
 from medprobe.experiment.schema import parse, require
 
 Centering = Literal["sinkhorn_knopp", "softmax"]
@@ -270,28 +268,6 @@ class PretrainConfig:
         return json.loads(json.dumps(d))
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw mapping."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value (e.g. train.steps=500), got {item!r}")
-        path, value = item.split("=", 1)
-        node = raw
-        keys = [k for k in path.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set: empty key in {item!r}")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {path}: {k!r} is not a mapping")
-        try:
-            node[keys[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {path}: value {value!r} is not valid YAML: {e}") from None
-    return raw
-
-
 def parse_pretrain_config(raw: Any, where: str = "pretrain") -> PretrainConfig:
     """Validate a mapping (as read from YAML) into a :class:`PretrainConfig`."""
     return parse(PretrainConfig, raw, where)
@@ -299,13 +275,4 @@ def parse_pretrain_config(raw: Any, where: str = "pretrain") -> PretrainConfig:
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Read and validate a pretraining YAML file; relative paths stay relative to the working directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretraining file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_pretrain_config(apply_overrides(raw, overrides or []), path.name)
+    return parse_pretrain_config(read_yaml_mapping(path, "pretraining file", overrides), Path(path).name)
