@@ -7,6 +7,7 @@ protocols) and each pending unit runs; ``done`` units of an earlier attempt are 
 """
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -132,7 +133,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log: Call
     plan = plan or plan_experiment(config)
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(__import__("json").dumps(
+    (out / "experiment.json").write_text(json.dumps(
         {k: v for k, v in vars(config).items() if not k.endswith("_configs")}, indent=1, default=str))
     results = ResultsStore(out / "results.db")
     summary = RunSummary()

@@ -7,7 +7,7 @@ Layout of one store (a folder named ``<backbone>-<key>``)::
     <split>/cls.<b>.npy    CLS (or pooled) token of block b, (N_items, D_b) float32
     <split>/mean.<b>.npy   mean patch token of block b
     <split>/patch.<b>.npy  optional patch grids (N_items, D_b, h, w) float16
-    <split>/item_owner.npy for 3D datasets: which volume each slice belongs to
+    <split>/item_owner.npy which record each item belongs to (the volume of a slice; itself for 2D)
 
 Items are images for 2D datasets and slices for 3D ones; :meth:`FeatureStore.features`
 pools slices into volume embeddings. A store is built in ``<name>.tmp-<pid>`` and renamed
@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,6 +202,3 @@ def open_store(path: Path, check: bool = True) -> FeatureStore | None:
         return None
     return store
 
-
-def find_tmp_leftovers(cache_dir: Path) -> Sequence[Path]:
-    return sorted(p for p in cache_dir.glob("*.tmp-*") if p.is_dir())

@@ -1,7 +1,6 @@
 """Results as tables: the long metric table and its aggregate over seeds."""
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
@@ -27,11 +26,6 @@ def load_results(output_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def run_status(output_dir: str | Path) -> pd.DataFrame:
-    with sqlite3.connect(Path(output_dir) / "results.db") as conn:
-        return pd.read_sql_query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status", conn)
-
-
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and n over seeds, and the mean bootstrap CI, per dataset × backbone × variant × metric (macro)."""
     agg = df[df["class"].isna()]
@@ -47,10 +41,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 def headline_metric(summary: pd.DataFrame, dataset: str) -> str | None:
     present = set(summary.loc[summary["dataset"] == dataset, "metric"])
     return next((m for m in HEADLINE if m in present), None)
-
-
-def info_column(df: pd.DataFrame, key: str) -> pd.Series:
-    return df["info_json"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None)
 
 
 def fmt(mean: float, sd: float, n: int, lo: float | None, hi: float | None) -> str:
