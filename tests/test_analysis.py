@@ -268,6 +268,14 @@ def test_cli_cka_from_feature_files(tmp_path, capsys):
     assert "different sample counts" in capsys.readouterr().err
 
 
+def test_cli_arch_overrides_build_the_checkpoint_architecture(tmp_path):
+    base = ["--backbone", "dinov2_vits14", "--tiny", *PHANTOM, "--image-size", "28", "--n", "6"]
+    assert main(["analyze", "cka", *base, "--arch", "depth=2", "--out", str(tmp_path / "cka")]) == 0
+    assert pd.read_csv(tmp_path / "cka" / "cka.csv", index_col=0).shape == (2, 2)  # 2 blocks, not the tiny 4
+    assert main(["analyze", "cka", *base, "--arch-b", "depth=3", "--out", str(tmp_path / "ab")]) == 0
+    assert pd.read_csv(tmp_path / "ab" / "cka.csv", index_col=0).shape == (4, 3)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["attention", "--backbone", "resnet18", "--tiny", *PHANTOM], "resnet18 is a CNN"),
     (["pca", "--backbone", "resnet18", "--tiny", *PHANTOM], "needs a vision transformer with patch tokens"),
@@ -279,6 +287,7 @@ def test_cli_cka_from_feature_files(tmp_path, capsys):
     (["pca", "--backbone", "dinov2_vits14", "--tiny", *PHANTOM, "--images", "x.png"], "either --dataset"),
     (["pca", "--backbone", "dinov2_vits14", "--tiny", *PHANTOM, "--indices", "0,99"], "out of range"),
     (["cka", "--backbone", "dinov2_vits14", "--tiny", *PHANTOM, "--minibatch", "2"], "--minibatch"),
+    (["pca", "--backbone", "dinov2_vits14", "--tiny", *PHANTOM, "--arch", "blocks=2"], "do not fit backbone"),
 ])
 def test_cli_user_errors(tmp_path, capsys, args, expected):
     assert main(["analyze", *args, "--out", str(tmp_path / "o")]) == 2

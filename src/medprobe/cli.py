@@ -101,7 +101,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from medprobe.features import extract_features
     options = _parse_options(args.option or [])
     dataset = build_dataset(args.dataset, args.root, **options)
-    backbone = create_backbone(args.backbone, args.weights, tiny=args.tiny)
+    backbone = create_backbone(args.backbone, args.weights, tiny=args.tiny,
+                               overrides=_parse_options(args.arch or []) or None)
     result = extract_features(backbone, dataset, args.cache_dir, image_size=args.image_size,
                               last_blocks=max(args.blocks), precision=args.precision, batch_size=args.batch_size,
                               progress=not args.quiet)
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", default="random", help="random, hub, or a local file/folder (default: random)")
     p.add_argument("--tiny", action="store_true", help="small configuration of the architecture (tests, demos)")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE",
+                   help="architecture override passed to the model constructor, e.g. depth=6 (repeatable)")
     p.add_argument("--dataset", required=True, help="dataset adapter name (see `medprobe list datasets`)")
     p.add_argument("--root", default=None, help="dataset location (file or folder) for the adapter")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="adapter option, repeatable")

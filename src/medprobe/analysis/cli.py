@@ -42,6 +42,9 @@ def _add_model(p: argparse.ArgumentParser, suffix: str = "", required: bool = Tr
                    help="random, hub, or a local file/folder" + (" (default: as --weights)" if suffix
                                                                  else " (default: random)"))
     p.add_argument(f"--tiny{suffix}", action="store_true", help="small configuration of the architecture (tests)")
+    p.add_argument(f"--arch{suffix}", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture override passed to the model constructor, e.g. depth=6 (repeatable; the "
+                        "same overrides the checkpoint was trained with, see its pretrain_info.json)")
 
 
 def _add_images(p: argparse.ArgumentParser, default_n: int) -> None:
@@ -142,10 +145,11 @@ def _images(args: argparse.Namespace) -> Any:
                                indices=args.indices, n=args.n, slices=args.slices)
 
 
-def _backbone(name: str, weights: str, tiny: bool) -> Any:
+def _backbone(name: str, weights: str, tiny: bool, arch: Sequence[str] = ()) -> Any:
     from medprobe.backbones import create_backbone
+    from medprobe.cli import _parse_options
     from medprobe.runtime import default_device
-    return create_backbone(name, weights, tiny=tiny).to(default_device())
+    return create_backbone(name, weights, tiny=tiny, overrides=_parse_options(arch) or None).to(default_device())
 
 
 def _title(backbone: Any, what: str) -> str:
@@ -162,7 +166,7 @@ def _report(files: dict[str, Path], backbones: Sequence[Any] = ()) -> None:
 def cmd_pca(args: argparse.Namespace) -> int:
     from medprobe.analysis.images import require_patch_tokens
     from medprobe.analysis.pca import patch_pca, write_pca
-    bb = _backbone(args.backbone, args.weights, args.tiny)
+    bb = _backbone(args.backbone, args.weights, args.tiny, args.arch)
     require_patch_tokens(bb, "PCA of patch tokens")
     imgs = _images(args)
     result, display = patch_pca(bb, imgs, image_size=args.image_size, block=args.block, threshold=args.threshold,
@@ -188,11 +192,13 @@ def cmd_cka(args: argparse.Namespace) -> int:
         return 0
     if not args.backbone:
         raise ConfigError("give --backbone (model A) and images, or --features A B")
-    a = _backbone(args.backbone, args.weights, args.tiny)
-    same = args.backbone_b in (None, args.backbone) and args.weights_b in (None, args.weights) and not args.tiny_b
+    a = _backbone(args.backbone, args.weights, args.tiny, args.arch)
+    same = (args.backbone_b in (None, args.backbone) and args.weights_b in (None, args.weights) and not args.tiny_b
+            and not args.arch_b)
     # nothing about model B given: compare model A with itself (its layer-by-layer self-similarity)
     b = a if same else _backbone(args.backbone_b or args.backbone, args.weights_b or args.weights,
-                                 args.tiny_b or (args.tiny and not args.backbone_b))
+                                 args.tiny_b or (args.tiny and not args.backbone_b),
+                                 args.arch_b or ([] if args.backbone_b else args.arch))
     imgs = _images(args)
     mb = args.minibatch if args.minibatch is not None else (256 if len(imgs) > FULL_CKA_MAX_N else 0)
     result = cka_between(a, b, imgs, image_size=args.image_size, token=args.token, minibatch=mb or None,
@@ -203,7 +209,7 @@ def cmd_cka(args: argparse.Namespace) -> int:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from medprobe.analysis.attention import attention_maps, check_attention_support, write_attention
-    bb = _backbone(args.backbone, args.weights, args.tiny)
+    bb = _backbone(args.backbone, args.weights, args.tiny, args.arch)
     check_attention_support(bb)
     imgs = _images(args)
     result, display = attention_maps(bb, imgs, image_size=args.image_size, batch_size=args.batch_size)
@@ -215,7 +221,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_correspondence(args: argparse.Namespace) -> int:
     from medprobe.analysis.correspondence import patch_correspondence, write_correspondence
     from medprobe.analysis.images import require_patch_tokens
-    bb = _backbone(args.backbone, args.weights, args.tiny)
+    bb = _backbone(args.backbone, args.weights, args.tiny, args.arch)
     require_patch_tokens(bb, "patch correspondence")
     imgs = _images(args)
     if len(imgs) < 2:

@@ -12,6 +12,7 @@ import torch
 from medprobe.backbones.base import Backbone, BlockTokens, PreprocessSpec, TokenOutput
 from medprobe.backbones.registry import BackboneSpec, get_spec, list_backbones, register_backbone
 from medprobe.backbones.weights import parse_weights, save_dinov2_checkpoint
+from medprobe.errors import ConfigError
 
 RANDOM_INIT_SEED = 0
 
@@ -40,7 +41,13 @@ def create_backbone(name: str, weights: str | None = "random", *, tiny: bool = F
         from medprobe.backbones.openclip_family import OpenCLIPBackbone as cls
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # `random` weights are the same on every build and machine
-        backbone = cls(spec, source, kwargs)
+        try:
+            backbone = cls(spec, source, kwargs)
+        except TypeError as e:
+            if not overrides:
+                raise
+            raise ConfigError(f"architecture overrides {overrides} do not fit backbone {name!r} ({spec.arch}): {e}; "
+                              f"use constructor arguments of that model (e.g. depth, embed_dim)") from None
     backbone.tiny = tiny
     backbone.overrides = kwargs
     return backbone.eval()

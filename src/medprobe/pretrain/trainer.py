@@ -148,8 +148,8 @@ def build_networks(cfg: PretrainConfig) -> tuple[Any, SSLNetwork, SSLNetwork]:
         overrides["drop_path_rate"] = cfg.train.drop_path
     try:
         backbone = create_backbone(b.name, b.weights, tiny=b.tiny, overrides=overrides or None)
-    except TypeError as e:  # a bad constructor override
-        raise ConfigError(f"backbone.overrides do not fit {b.name}: {e}") from None
+    except ConfigError as e:  # a bad constructor override
+        raise ConfigError(f"backbone.overrides: {e}") from None
     vit = backbone.model
     if getattr(vit, "cls_token", None) is None or not hasattr(vit, "_pos_embed"):
         raise ConfigError(f"backbone {b.name!r} is not a timm VisionTransformer with a class token")

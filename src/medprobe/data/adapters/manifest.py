@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from medprobe.data.adapters import choice_option, int_option, register_adapter, require_root
+from medprobe.data.adapters._common import options_list
 from medprobe.data.base import SPLITS, ImageDataset, Record, TaskSpec
 from medprobe.data.readers import file_kind, nifti_affine, read_image, read_mask, read_nifti
 from medprobe.errors import ConfigError, DataError
@@ -234,16 +235,6 @@ def _multilabel(path: Path, columns: list[str], cols: dict[str, list[tuple[int, 
     return [tuple(v) for v in out]
 
 
-def _as_list(value: Any, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"option {name} must be a list of names, got {value!r}")
-    return [str(v) for v in value]
-
-
 @register_adapter("manifest", "Your own images listed in a CSV (2D/3D; classification or segmentation)", DETAILS)
 def build_manifest(root: Path | None, labels: list[str] | str | None = None, class_names: list[str] | None = None,
                    task: str = "auto", ndim: int | None = None, num_classes: int | None = None,
@@ -253,8 +244,8 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
     if not path.is_file():
         raise DataError(f"{path}: manifest CSV not found" if not path.exists() else
                         f"{path}: is a folder; expected the path of a manifest CSV file")
-    label_cols = _as_list(labels, "labels")
-    names_opt = _as_list(class_names, "class_names")
+    label_cols = options_list(labels, "labels")
+    names_opt = options_list(class_names, "class_names")
     task = choice_option("task", task, ("auto", "classification", "segmentation", "none"))
     slice_axis = int_option("slice_axis", slice_axis, choices=(0, 1, 2))
     if ndim is not None:
