@@ -67,7 +67,7 @@ class Anchor:
 
     def feats(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         x = self.pre([self.ds.load_image(int(i)) for i in idx])
-        with torch.inference_mode(), autocast(self.precision, torch.device("cpu")):
+        with torch.no_grad(), autocast(self.precision, torch.device("cpu")):  # as DINOv2 linear eval
             out = self.bb.forward_tokens(x, blocks=[-4, -3, -2, -1])
         self.forwards += len(idx)
         cls = [b.cls.float() for b in out.blocks]
