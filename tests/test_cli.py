@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from medprobe.cli import main
@@ -39,6 +40,18 @@ def test_extract_then_reuse(tmp_path, capsys):
     assert "wrote feature store" in out and "random" in out
     code, out, _ = cli(capsys, *args)
     assert code == 0 and "reused feature store" in out
+
+
+def test_extract_refuses_a_patient_in_two_splits(tmp_path, capsys):
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "m.csv").write_text("image,split,label,patient_id\nim0.png,train,0,p1\nim1.png,test,1,p1\n"
+                                    "im2.png,train,1,p2\n")
+    code, _, err = cli(capsys, "extract", "--backbone", "dinov2_vits14", "--tiny", "--dataset", "manifest",
+                       "--root", str(tmp_path / "m.csv"), "--cache-dir", str(tmp_path / "cache"), "--quiet")
+    assert code == 2 and "p1" in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists()  # refused before any embedding
 
 
 @pytest.mark.parametrize("args, expected", [

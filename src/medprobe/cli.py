@@ -98,9 +98,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from medprobe.backbones import create_backbone
     from medprobe.data.adapters import build_dataset
+    from medprobe.data.splits import check_no_leakage
     from medprobe.features import extract_features
     options = _parse_options(args.option or [])
     dataset = build_dataset(args.dataset, args.root, **options)
+    check_no_leakage(dataset)  # the same guard as `medprobe run`: no patient in two splits
     backbone = create_backbone(args.backbone, args.weights, tiny=args.tiny,
                                overrides=_parse_options(args.arch or []) or None)
     result = extract_features(backbone, dataset, args.cache_dir, image_size=args.image_size,
