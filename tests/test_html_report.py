@@ -81,7 +81,7 @@ def _analysis_picture(out: Path) -> None:
     from medprobe.analysis import images_from_dataset, patch_pca, write_pca
     from medprobe.backbones import create_backbone
     bb = create_backbone("dinov2_vits14", "random", tiny=True)
-    imgs = images_from_dataset("phantom", None, {"n": 6, "size": 32}, n=3)
+    imgs = images_from_dataset("phantom", None, {"n": 8, "size": 32}, n=8)  # a wide figure (8 columns)
     result, display = patch_pca(bb, imgs, image_size=28)
     write_pca(result, display, imgs.names, out / "analysis" / "pca", title="PCA test picture")
 
@@ -166,6 +166,7 @@ def test_html_report_renders_in_chromium(report, tmp_path):
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(0)))
     assert attrs.get("data-render") == "ok", attrs
     assert attrs.get("data-images") == "6" and attrs.get("data-images-broken") == "0", attrs
+    assert attrs.get("data-images-overflow") == "0", attrs  # every picture fits its card
     assert int(attrs.get("data-tables", 0)) >= 10, attrs
     assert attrs.get("data-selftest") == "pass", attrs  # clicking a header sorts ascending, then descending
     assert "data-errors" not in attrs, attrs

@@ -49,7 +49,7 @@ tr.best td { background: var(--best); font-weight: 600; }
 .figs { display: flex; flex-wrap: wrap; gap: 16px; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fff; max-width: 100%; }
 figure img { display: block; max-width: 100%; height: auto; }
-figure.wide img { max-width: 1300px; }
+figure.wide img { max-width: min(100%, 1300px); }
 figcaption { font-size: 12px; color: var(--muted); max-width: 640px; margin-top: 4px; }
 code { background: #f1f3f7; padding: 0 3px; border-radius: 3px; }
 .error { color: #9b1c1c; white-space: pre-wrap; }
@@ -126,6 +126,11 @@ JS = r"""
     var b = document.body;
     b.setAttribute('data-images', String(imgs.length));
     b.setAttribute('data-images-broken', String(broken));
+    var overflow = imgs.filter(function (i) {  // a picture wider than its card would be cut off
+      var box = (i.closest('figure') || b).getBoundingClientRect();
+      return i.getBoundingClientRect().right > box.right + 1;
+    }).length;
+    b.setAttribute('data-images-overflow', String(overflow));
     b.setAttribute('data-tables', String(document.querySelectorAll('table').length));
     if (location.hash === '#selftest') b.setAttribute('data-selftest', selftest());
     b.setAttribute('data-render', broken ? 'broken-images' : 'ok');
