@@ -11,6 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _legend_below(ax: plt.Axes, offset: float = 0.2) -> None:
+    """The legend ``offset`` (axes fraction) under the axes: long backbone/weights labels never cover the data."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -offset), frameon=False)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
@@ -36,10 +41,10 @@ def fewshot_curves(summary: pd.DataFrame, out_dir: Path, metric: str = "auroc") 
         ax.set_ylabel(metric.upper())
         ax.set_title(f"{dataset}: few-shot {probe}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_below(ax)
         fig.tight_layout()
         path = out_dir / f"fewshot_{_safe(dataset)}_{_safe(probe)}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -59,11 +64,12 @@ def protocol_bars(summary: pd.DataFrame, out_dir: Path, metric_for: dict[str, st
         pivot.plot.bar(yerr=err, ax=ax, capsize=2, rot=20)
         ax.set_ylabel(metric)
         ax.set_title(f"{dataset}: {protocol}")
+        ax.set_xlabel("")  # the tick labels name the variants
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_below(ax, offset=0.3)  # below the rotated tick labels
         fig.tight_layout()
         path = out_dir / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
