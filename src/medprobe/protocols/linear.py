@@ -85,8 +85,11 @@ def _targets(y: np.ndarray | torch.Tensor, task: str, num_classes: int, n: int, 
     return t.long() if task == "multiclass" else t.float()
 
 
-def _class_weights(y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights: multiclass ``N / (C n_c)``; binary/multilabel ``pos_weight = n_neg / n_pos``."""
+def inverse_frequency_weights(y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights: multiclass ``N / (C n_c)``; binary/multilabel ``pos_weight = n_neg / n_pos``.
+
+    An absent class, or a label that is never (or always) positive, gets weight 1.
+    """
     if task == "multiclass":
         n_c = torch.bincount(y, minlength=num_classes).float()
         return torch.where(n_c > 0, y.numel() / (num_classes * n_c.clamp_min(1)), torch.ones_like(n_c))
@@ -185,7 +188,7 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
     c_out = 1 if task == "binary" else num_classes
     heads = len(lrs)
     lr = torch.tensor(lrs).view(heads, 1, 1)
-    weight = _class_weights(ytr, task, num_classes) if class_weighting else None
+    weight = inverse_frequency_weights(ytr, task, num_classes) if class_weighting else None
     params = {v: [p.requires_grad_() for p in init_head(seed, v, heads, xtr[v].shape[1], c_out)] for v in names}
     buffers = {v: [torch.zeros_like(p) for p in params[v]] for v in names}
     gen = torch.Generator().manual_seed(seed)

@@ -29,6 +29,7 @@ from medprobe.protocols.adapt.augment import Augmenter
 from medprobe.protocols.adapt.data import Batch, Source
 from medprobe.protocols.adapt.models import layer_ids
 from medprobe.protocols.adapt.peft import is_lora_param
+from medprobe.protocols.linear import inverse_frequency_weights
 from medprobe.runtime import autocast
 
 SelectMetric = Literal["auroc", "accuracy", "loss"]
@@ -88,13 +89,12 @@ def loss_fn(task: str, weights: torch.Tensor | None = None) -> Callable[[torch.T
 
 
 def balanced_weights(labels: np.ndarray, task: str, num_classes: int) -> torch.Tensor:
-    """Class weights N / (C * n_c) (multi-label: pos_weight n_neg / n_pos), so every class weighs the same."""
-    labels = np.asarray(labels)
+    """Class weights so every class weighs the same: per-class cross-entropy weights ``N / (C n_c)`` for
+    binary and multiclass (this loop's binary head has two logits), ``pos_weight`` for multi-label."""
+    y = torch.as_tensor(np.asarray(labels))
     if task == "multilabel":
-        pos = labels.sum(0).astype(np.float64)
-        return torch.tensor((len(labels) - pos) / np.maximum(pos, 1.0), dtype=torch.float32)
-    counts = np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.float64)
-    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1.0)), dtype=torch.float32)
+        return inverse_frequency_weights(y.float(), "multilabel", num_classes)
+    return inverse_frequency_weights(y.long(), "multiclass", num_classes)
 
 
 def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
