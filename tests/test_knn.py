@@ -10,13 +10,7 @@ from medprobe.protocols.knn import cosine_topk, knn_predict
 from medprobe.protocols.mlknn import mlknn_predict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -14,13 +14,7 @@ from medprobe.protocols import linear
 from medprobe.protocols.linear import DEFAULT_LRS, init_head, linear_sweep
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(task: str, n: int, seed: int = 0, c: int = 3, d: int = 16):

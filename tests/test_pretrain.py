@@ -21,13 +21,7 @@ from medprobe.pretrain.schedules import Schedules, cosine, linear_warmup, warmup
 from medprobe.pretrain.trainer import ema_update
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster and keeps results independent of the machine's load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path, **sections) -> dict:

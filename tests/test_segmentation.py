@@ -30,13 +30,7 @@ from medprobe.protocols.segmentation.volumes import from_slices, to_slices
 TINY_SCRATCH = {"unet_width": 4, "vit_dim": 32, "vit_depth": 1, "vit_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy threads on two shared cores are slower than one: keep these tests on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
