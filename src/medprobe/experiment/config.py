@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from medprobe.errors import ConfigError
-from medprobe.experiment.schema import coerce, parse, require
+from medprobe.options import coerce, parse, require
 
 
 @dataclass

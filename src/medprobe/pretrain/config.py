@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medprobe.experiment.config import read_yaml_mapping
-from medprobe.experiment.schema import parse, require
+from medprobe.options import parse, require
 
 Centering = Literal["sinkhorn_knopp", "softmax"]
 Precision = Literal["auto", "bf16", "fp32"]

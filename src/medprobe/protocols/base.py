@@ -18,8 +18,9 @@ import torch
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.errors import suggest, ConfigError
-from medprobe.experiment.schema import parse
+from medprobe.options import parse
 from medprobe.metrics import MetricValue
+from medprobe.predictions import Predictions
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,13 @@ class Unit:
 
 @dataclass
 class UnitResult:
+    """What a unit returns: its metrics (on ``split``), a small ``info`` record and the per-sample
+    predictions the metrics were computed from (stored beside ``results.db``)."""
+
     metrics: list[MetricValue]
     info: dict[str, Any] = field(default_factory=dict)
     split: str = "test"
+    predictions: Predictions | None = None
 
 
 @dataclass

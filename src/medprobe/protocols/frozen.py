@@ -13,7 +13,7 @@ import torch
 
 from medprobe.data.base import ImageDataset
 from medprobe.errors import ConfigError
-from medprobe.experiment.schema import require
+from medprobe.options import require
 from medprobe.metrics import MetricValue, classification_metrics
 from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
 from medprobe.protocols.fewshot import sample_fewshot
@@ -228,7 +228,7 @@ class FewShotOptions:
         require(all(s >= 1 for s in self.shots), f"shots: every value must be >= 1, got {self.shots}")
         require(self.repeats >= 1, f"repeats: must be >= 1, got {self.repeats}")
         require(self.k >= 1, f"k: must be >= 1, got {self.k}")
-        from medprobe.experiment.schema import parse
+        from medprobe.options import parse
         self.linear_options = parse(LinearOptions, self.linear, "protocols.fewshot.linear")
 
 
@@ -286,7 +286,7 @@ class MetadataOptions:
 
     def __post_init__(self) -> None:
         require(len(self.columns) > 0, "columns: name at least one metadata column (e.g. sex, age_bin, view)")
-        from medprobe.experiment.schema import parse
+        from medprobe.options import parse
         self.linear_options = parse(LinearOptions, self.linear, "protocols.metadata.linear")
 
 

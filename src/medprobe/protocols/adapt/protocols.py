@@ -21,7 +21,7 @@ from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.data.preprocess import Preprocessor
 from medprobe.errors import ConfigError
-from medprobe.experiment.schema import require
+from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
 from medprobe.metrics import MetricValue, classification_metrics
 from medprobe.protocols.adapt.augment import DEFAULT_AUGMENT, AugmentSpec, Augmenter

@@ -29,7 +29,7 @@ import torch
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.errors import ConfigError, DataError
-from medprobe.experiment.schema import require
+from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
 from medprobe.metrics import MetricValue, segmentation_metrics
 from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult
