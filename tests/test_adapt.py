@@ -13,7 +13,7 @@ from medprobe.backbones import create_backbone
 from medprobe.data.adapters import build_dataset
 from medprobe.data.base import ArrayDataset, Record, TaskSpec
 from medprobe.errors import ConfigError
-from medprobe.experiment.config import BackboneConfig
+from medprobe.backbones.ref import BackboneRef
 from medprobe.protocols.adapt import training
 from medprobe.protocols.adapt.augment import AugmentSpec, Augmenter
 from medprobe.protocols.adapt.data import Batch, EmbeddingSource, ImageSource
@@ -32,7 +32,7 @@ def phantom():
 
 def make_ctx(dataset, backbone: str, tmp_path: Path, image_size: int = 28, precision: str = "fp32",
              features_fn=None) -> UnitContext:
-    bc = BackboneConfig(name=backbone, weights="random", tiny=True)
+    bc = BackboneRef(name=backbone, weights="random", tiny=True)
     return UnitContext(dataset_name="d", dataset=dataset, backbone_name=backbone, backbone_config=bc,
                        image_size=image_size, precision=precision, batch_size=16, bootstrap=0,
                        device=torch.device("cpu"), work_dir=tmp_path / "unit", features_fn=features_fn,

@@ -290,18 +290,26 @@ def test_manifest_nifti_volumes(tmp_path):
     nib.save(nib.Nifti1Image(vol, affine), tmp_path / "v2.nii.gz")
     path = _write_csv(tmp_path / "v.csv", ["image", "mask", "split", "label"],
                       [["v.nii.gz", "m.nii.gz", "train", "1"], ["v2.nii.gz", "flat.png", "test", "0"]])
+    # canonical orientation (default): axial slices in radiological layout SPL (D superior, H posterior, W left)
     ds = build_dataset("manifest", path, num_classes=2)
-    assert ds.ndim == 3 and ds.load_image(0).shape == (5, 10, 12)
+    assert ds.ndim == 3 and ds.load_image(0).shape == (5, 12, 10)
+    np.testing.assert_array_equal(ds.load_image(0), np.transpose(vol, (2, 1, 0))[:, ::-1, ::-1])
     aff = ds.affine(0)
-    assert aff[2, 0] == pytest.approx(3.0) and aff[0, 1] == pytest.approx(0.7)
-    np.testing.assert_allclose(aff @ [4, 9, 11, 1], affine @ [9, 11, 4, 1])
-    assert ds.load_mask(0).shape == (5, 10, 12)
+    np.testing.assert_allclose(aff @ [4, 9, 2, 1], affine @ [10 - 1 - 2, 12 - 1 - 9, 4, 1])
+    assert ds.geometry(0).orientation == "SPL" and ds.geometry(0).source_orientation == "RAS"
+    assert ds.load_mask(0).shape == (5, 12, 10)
     with pytest.raises(DataError, match=r"flat\.png: 2D mask \(10, 12\) for the 3D image"):
         ds.load_mask(1)
     cls = build_dataset("manifest", path, task="classification")
     assert cls.task.kind == "binary" and cls.ndim == 3
     sagittal = build_dataset("manifest", path, task="classification", slice_axis=0)
-    assert sagittal.load_image(0).shape == (10, 12, 5)
+    assert sagittal.load_image(0).shape == (10, 5, 12)  # RIP: D right, H inferior, W posterior
+    # orientation=file keeps the file's axes with slice_axis as depth
+    raw = build_dataset("manifest", path, num_classes=2, orientation="file")
+    assert raw.load_image(0).shape == (5, 10, 12)
+    np.testing.assert_allclose(raw.affine(0) @ [4, 9, 11, 1], affine @ [9, 11, 4, 1])
+    assert build_dataset("manifest", path, task="classification", slice_axis=0,
+                         orientation="file").load_image(0).shape == (10, 12, 5)
 
 
 def test_manifest_dimension_mismatch(tmp_path):

@@ -311,3 +311,18 @@ def test_real_data_pca_and_correspondence(shared_data, vit):
         corr, _ = patch_correspondence(vit, imgs, [(w // 2, h // 2)], image_size=56)
         assert corr.similarity.shape == (1, len(imgs) - 1, 4, 4) and np.isfinite(corr.similarity).all()
         assert (np.abs(corr.similarity) <= 1 + 1e-6).all()
+
+
+def test_results_never_import_analysis():
+    """Layering: the report (medprobe.results) uses the ranking computation from results/, not from analysis/."""
+    import ast
+    from pathlib import Path
+
+    import medprobe.results
+    offenders = []
+    for path in Path(medprobe.results.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("medprobe.analysis")]
+    assert offenders == []

@@ -116,7 +116,7 @@ def test_hf_save_pretrained_folder(tmp_path):
     a = create_backbone("rad_dino", "random", tiny=True)
     a.model.save_pretrained(tmp_path / "rad")
     assert (tmp_path / "rad" / "config.json").is_file()
-    b = create_backbone("rad_dino", str(tmp_path / "rad"))
+    b = create_backbone("rad_dino", str(tmp_path / "rad"), tiny=True)
     assert json.loads((tmp_path / "rad" / "config.json").read_text())["hidden_size"] == b.embed_dim
     _same_outputs(a, b, 56)
 
@@ -153,3 +153,67 @@ def test_truncate_keeps_first_blocks():
     with torch.inference_mode():
         cut = bb.forward_tokens(x)
     torch.testing.assert_close(cut.cls, full.blocks[0].cls)
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_attention_through_the_backbone_contract(name):
+    bb = create_backbone(name, "random", tiny=True)
+    s = _size(bb)
+    x = torch.randn(1, 3, s, s)
+    # timm/open_clip recompute it from q/k (CLS models without rotary embeddings); transformers returns it
+    supported = bb.is_vit and not getattr(bb, "is_sam", False) and name != "dinov3_vitb16" and (
+        bb.has_cls_token or bb.spec.family == "hf")
+    if not supported:
+        with pytest.raises(ConfigError):
+            bb.attention(x)
+        return
+    with torch.no_grad():
+        att = bb.attention(x)
+    n = (s // bb.patch_size) ** 2 + getattr(bb, "num_prefix_tokens", 1)  # open_clip: CLS only
+    assert att.shape[0] == 1 and att.shape[2:] == (n, n)
+    torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:-1]))
+
+
+def test_check_weights_command(tmp_path, capsys):
+    from medprobe.cli import main
+    a = create_backbone("deit_s16", "random", tiny=True)
+    torch.save({"model": a.model.state_dict(), "epoch": 3}, tmp_path / "deit.pth")
+    assert main(["check-weights", "deit_s16", str(tmp_path / "deit.pth"), "--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "PyTorch checkpoint" in out and "'model'" in out and "OK" in out
+    assert f"{sum(p.numel() for p in a.parameters()):,}" in out
+    assert main(["check-weights", "dinov2_vits14", str(tmp_path / "deit.pth"), "--tiny"]) == 2
+    assert "deit.pth" in capsys.readouterr().err
+
+
+def test_list_backbones_details_names_the_weights_file(capsys):
+    from medprobe.cli import main
+    assert main(["list", "backbones", "--details", "sam_vitb16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "sam_vit_b_01ec64.pth" in info["weights_file"] and "segment_anything" in info["published_at"]
+    for s in list_backbones():
+        from medprobe.backbones.registry import weights_help
+        assert all(weights_help(s).values()), s.name
+
+
+def test_siglip_tower_from_an_image_text_folder(tmp_path):
+    import transformers
+    a = create_backbone("siglip_vitb16", "random", tiny=True)
+    cfg = transformers.SiglipConfig(vision_config=a.model.config.to_dict(),
+                                    text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=100))
+    full = transformers.SiglipModel(cfg)
+    full.vision_model.load_state_dict(a.model.state_dict())
+    full.save_pretrained(tmp_path / "siglip")
+    b = create_backbone("siglip_vitb16", str(tmp_path / "siglip"), tiny=True)
+    _same_outputs(a, b, 64)
+    assert any("vision tower" in c for c in b.load_report.conversions)
+
+
+def test_dino_v1_release_layout(tmp_path):
+    a = create_backbone("dino_vitb16", "random", tiny=True)
+    sd = {k: v for k, v in a.model.state_dict().items()}
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"head.mlp.0.weight": torch.ones(2, 2)}},
+               tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth")
+    _same_outputs(a, create_backbone("dino_vitb16", str(tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth"),
+                                     tiny=True), 64)

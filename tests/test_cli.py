@@ -25,6 +25,25 @@ def test_list_backbones_json(capsys):
     assert {"dinov2_vitg14_reg", "rad_dino", "biomedclip", "sam_vitl16", "vgg19"} <= {b["name"] for b in json.loads(out)}
 
 
+def test_list_piped_is_plain_and_never_truncates_names(capsys):
+    """Piped output (not a terminal) is one plain line per row with the full name first: `| grep dinov2` works."""
+    from medprobe.backbones import list_backbones
+    from medprobe.data.adapters import list_adapters
+    code, out, _ = cli(capsys, "list", "backbones")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["name", "family"]
+    assert [line.split()[0] for line in lines[1:]] == [s.name for s in list_backbones()]
+    assert not any(ch in out for ch in "…┃│")
+    dinov2 = [line for line in lines if "dinov2" in line]
+    assert len(dinov2) >= 4 and all(line.split()[1] == "timm" for line in dinov2)
+    code, out, _ = cli(capsys, "list", "datasets")
+    assert code == 0
+    rows = out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == [i.name for i in list_adapters()]
+    assert all(i.summary in r for i, r in zip(list_adapters(), rows))
+
+
 def test_list_datasets_and_protocols(capsys):
     code, out, _ = cli(capsys, "list", "datasets")
     assert code == 0 and "medmnist" in out and "manifest" in out and "phantom" in out

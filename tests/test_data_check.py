@@ -11,6 +11,7 @@ from medprobe.cli import main
 from medprobe.data import register_adapter
 from medprobe.data.base import ArrayDataset, Record, TaskSpec
 from medprobe.data.check import check_dataset
+from medprobe.errors import DataError
 
 
 def run(capsys, *argv):
@@ -132,3 +133,64 @@ def test_fixtures_pass_the_check(tmp_path, writer, name, options):
     report = check_dataset(name, root, options)
     assert report.ok, report.problems
     assert report.files_read >= sum(s["images"] for s in report.splits.values()) > 0
+
+
+def _manifest(tmp_path, rows, header="image,split,label", name="m.csv"):
+    path = tmp_path / name
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_missing_and_corrupt_files_are_listed_together_with_their_rows(tmp_path, capsys):
+    for i in range(3):
+        F.png(tmp_path / f"im{i}.png", F.img(i, (6, 6)))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    path = _manifest(tmp_path, ["im0.png,train,0", "im1.png,train,1", "gone.png,test,0", "im2.png,test,1",
+                                "bad.png,test,0"])
+    code, out, _ = run(capsys, "manifest", "--root", str(path))
+    assert code == 1
+    problems = [line for line in out.splitlines() if re.match(r"\s+\d+\. ", line)]
+    assert len(problems) == 2, out
+    assert "m.csv: row 4: image gone.png is listed but not found" in problems[0]
+    assert "bad.png: not a readable image" in problems[1] and "[listed in" in problems[1] and "m.csv row 6]" in problems[1]
+    assert "files read: 3" in out and re.search(r"images +2 +2 +4", out)  # the other rows were all read
+
+
+def test_nan_label_is_refused_naming_the_row(tmp_path, capsys):
+    for i in range(4):
+        F.png(tmp_path / f"im{i}.png", F.img(i, (6, 6)))
+    path = _manifest(tmp_path, ["im0.png,train,0", "im1.png,train,1", "im2.png,test,nan", "im3.png,test,1"])
+    with pytest.raises(DataError, match=r"m\.csv: row 4: label 'nan' in column 'label' is a missing value"):
+        adapters.build_dataset("manifest", path)
+    code, out, _ = run(capsys, "manifest", "--root", str(path))
+    assert code == 1 and "row 4: label 'nan'" in out and "3 classes" not in out and "2 classes: 0, 1" in out
+    names = _manifest(tmp_path, ["im0.png,train,benign", "im1.png,train,NaN", "im2.png,test,malignant",
+                                 "im3.png,test,benign"], name="n.csv")
+    with pytest.raises(DataError, match=r"n\.csv: row 3: label 'NaN'"):
+        adapters.build_dataset("manifest", names)
+
+
+def test_degenerate_splits_are_flagged(tmp_path, capsys):
+    from medprobe.data.check import split_warnings
+    for i in range(6):
+        F.png(tmp_path / f"im{i}.png", F.img(i, (6, 6)))
+    path = _manifest(tmp_path, ["im0.png,train,a", "im1.png,train,a", "im2.png,val,a", "im3.png,val,b",
+                                "im4.png,test,a", "im5.png,test,b"])
+    ds = adapters.build_dataset("manifest", path, class_names=["a", "b", "c"])
+    warnings = split_warnings(ds)
+    assert warnings[0] == "class 'c' has no image in any split (train: 2, val: 2, test: 2 images)"
+    assert warnings[1].startswith("split 'train' (2 images) has no image of class 'b': a probe trained on it")
+    assert len(warnings) == 2
+    code, out, _ = run(capsys, "manifest", "--root", str(path), "-o", "class_names=[a, b, c]")
+    assert code == 0 and "warnings (2):" in out and "- class 'c' has no image in any split" in out
+    assert "OK: no problems found (2 warning(s) above)" in out
+    ok = adapters.build_dataset("manifest", path, class_names=["a", "b"])
+    assert [w for w in split_warnings(ok) if "train" not in w] == []
+    # multi-label: a class without a positive in a split, or positive everywhere
+    recs = [Record(f"k{i}", s, f"p{i}", lab) for i, (s, lab) in
+            enumerate([("train", (1, 0)), ("train", (1, 1)), ("test", (1, 0)), ("test", (1, 0))])]
+    ml = ArrayDataset(np.zeros((4, 4, 4)), recs, TaskSpec("multilabel", ("x", "y")))
+    assert split_warnings(ml) == ["split 'train' (2 images): every image is positive for 'x': a probe cannot learn it",
+                                  "split 'test' (2 images) has no positive image for class 'y': metrics on it cannot "
+                                  "measure it",
+                                  "split 'test' (2 images): every image is positive for 'x': metrics cannot measure it"]

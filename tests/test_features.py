@@ -62,11 +62,49 @@ def test_damaged_store_is_rebuilt(tmp_path, vit):
     store = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=1, precision="fp32", progress=False).store
     f = store.path / "train" / "cls.3.npy"
     data = bytearray(f.read_bytes())
-    data[-4:] = b"\x00\x00\x80\x7f"
-    f.write_bytes(bytes(data))
+    f.write_bytes(bytes(data[:-4]))  # truncated: seen by the cheap check on every open
     assert open_store(store.path) is None  # detected and removed
     again = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=1, precision="fp32", progress=False)
     assert not again.reused and not again.store.verify()
+    data[-4:] = b"\x00\x00\x80\x7f"  # same size, other bytes: only the full verification reads them
+    f.write_bytes(bytes(data))
+    assert open_store(again.store.path) is not None and again.store.check() == []
+    assert again.store.verify() == ["train/cls.3"]
+    assert open_store(again.store.path, full=True) is None
+    third = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=1, precision="fp32", progress=False)
+    assert not third.reused and third.store.verify() == []
+
+
+def test_cache_verify_command(tmp_path, vit, capsys):
+    from medprobe.cli import main
+    store = extract_features(vit, _dataset(), tmp_path, image_size=28, last_blocks=1, precision="fp32",
+                             progress=False).store
+    assert main(["cache", "verify", str(tmp_path)]) == 0
+    assert "1 of 1 store(s) intact" in capsys.readouterr().out
+    f = store.path / "val" / "mean.3.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert main(["cache", "verify", str(store.path)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "val/mean.3" in out and "train/" not in out
+    assert main(["cache", "verify", str(tmp_path), "--delete-damaged"]) == 1
+    assert not store.path.exists()
+    assert main(["cache", "verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_store_with_more_blocks_is_reused(tmp_path, vit):
+    ds = _dataset()
+    big = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=3, patch_blocks=[-1, 1], precision="fp32",
+                           progress=False)
+    small = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=2, patch_blocks=[3], precision="fp32",
+                             progress=False)
+    assert small.reused and small.store.path == big.store.path
+    assert small.store.block_index(2) == [2, 3]
+    more = extract_features(vit, ds, tmp_path, image_size=28, last_blocks=4, precision="fp32", progress=False)
+    assert not more.reused  # a store keeping fewer blocks never stands in for more
+    other = extract_features(vit, ds, tmp_path, image_size=42, last_blocks=1, precision="fp32", progress=False)
+    assert not other.reused  # nor one that differs in anything else
 
 
 def test_interrupted_extraction_leaves_no_store(tmp_path, vit):

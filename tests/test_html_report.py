@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,164 @@ def test_html_report_renders_in_chromium(report, tmp_path):
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
         assert len(im.convert("L").getcolors(1 << 16) or []) > 20  # not a blank page
+
+
+# ------------------------------------------------------------------ template rendering: escaping, n/a, sections
+class _Page(HTMLParser):
+    """Tags, attributes and the text of every table cell of a page, as a browser's parser sees them."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.cells: list[tuple[dict[str, str | None], str]] = []
+        self.text: list[str] = []
+        self._cell: tuple[dict[str, str | None], list[str]] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag in ("td", "th"):
+            self._cell = (dict(attrs), [])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.append((self._cell[0], "".join(self._cell[1]).strip()))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell[1].append(data)
+
+
+def _unit_db(out: Path, units: list[dict]) -> Path:
+    """A results.db in the current schema with the given units (metrics: {name: (value, note)})."""
+    from medprobe.results.store import SCHEMA
+    out.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(out / "results.db")
+    conn.executescript(SCHEMA)
+    for i, u in enumerate(units):
+        key = f"u{i:03d}"
+        env = u.get("env")
+        conn.execute("INSERT INTO runs (key, experiment, dataset, backbone, weights, protocol, variant, params_json, "
+                     "seed, status, started_at, finished_at, wall_s, info_json, error, env_json) "
+                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                     (key, "t", u["dataset"], u.get("backbone", "vit_tiny"), u.get("weights", "random"),
+                      u.get("protocol", "linear"), u.get("variant", "linear cls@1"), "{}", u.get("seed", 0),
+                      u.get("status", "done"), float(i), float(i) + 1, 1.0, "{}", u.get("error"),
+                      json.dumps(env, sort_keys=True) if env is not None else None))
+        for metric, (value, note) in u.get("metrics", {}).items():
+            lo, hi = (None, None) if value is None else (value - 0.05, value + 0.05)
+            conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?)",
+                         (key, "test", metric, None, value, lo, hi, note))
+    conn.commit()
+    conn.close()
+    return out
+
+
+def test_html_escapes_names_paths_and_errors(tmp_path):
+    """Dataset and backbone names, weights paths and error messages are text on the page, never markup."""
+    from medprobe.results.html import render_html
+    ds, bb = '<script>alert("ds")</script>', "vit<img src=x onerror=alert(1)>"
+    weights = '/w/"><script>alert(2)</script>.pt'
+    error = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: <script>alert(3)</script> boom"
+    units = [{"dataset": ds, "backbone": bb, "weights": weights, "seed": s, "metrics": {"auroc": (0.7 + 0.1 * s, None)}}
+             for s in (0, 1)]
+    units.append({"dataset": ds, "backbone": bb, "weights": weights, "seed": 2, "status": "failed", "error": error})
+    html = render_html(_unit_db(tmp_path / "run", units))
+    page = _Page(html)
+    assert [t for t, _ in page.tags].count("script") == 1  # the page's own sorting script only
+    assert not [t for t, _ in page.tags if t == "img"]  # no picture here: the backbone name made none
+    assert not [(t, a) for t, a in page.tags if any(k.startswith("on") for k in a)]
+    text = "".join(page.text)
+    for s in (ds, bb, weights, "RuntimeError: <script>alert(3)</script> boom"):
+        assert s in text, s  # shown verbatim as text
+    assert f"{ds} — auroc" in text  # the dataset's heading
+    errors = [(a, c) for a, c in page.cells if "error" in (a.get("class") or "")]
+    assert errors and errors[0][1].startswith("RuntimeError: <script>alert(3)</script> boom")  # last line first
+    assert "line 1" in errors[0][1]  # the full traceback, folded under the cell
+
+
+def test_html_undefined_metrics_render_as_na(tmp_path):
+    """A metric undefined in every seed is n/a with its reason, in tables, few-shot and segmentation; no crash."""
+    from medprobe.results.html import render_html
+    why = "single-class test split: AUROC undefined"
+    units = []
+    for s in (0, 1):
+        units.append({"dataset": "flat", "seed": s, "metrics": {"auroc": (None, why)}})
+        units.append({"dataset": "flat", "backbone": "resnet_tiny", "seed": s, "metrics": {"auroc": (0.6, None)}})
+        for shots in (1, 4, 16):
+            units.append({"dataset": "flat", "protocol": "fewshot", "variant": f"fewshot logreg {shots}-shot",
+                          "seed": s, "metrics": {"auroc": (None if shots == 1 else 0.5 + shots / 100, why)}})
+        units.append({"dataset": "seg", "protocol": "segmentation", "variant": "linear decoder", "seed": s,
+                      "metrics": {"dice_jaccard_mean": (None, "empty masks")}})
+        units.append({"dataset": "seg", "backbone": "resnet_tiny", "protocol": "segmentation",
+                      "variant": "linear decoder", "seed": s, "metrics": {"dice_jaccard_mean": (0.4, None)}})
+    html = render_html(_unit_db(tmp_path / "run", units))
+    page = _Page(html)
+    na = [(a, c) for a, c in page.cells if c == "n/a"]
+    assert "nan" not in [c.lower() for _, c in page.cells]
+    reasons = [a.get("title") or "" for a, _ in na]
+    assert sum(why in r for r in reasons) >= 2  # headline table + few-shot 1-shot cell (+ all metrics)
+    assert any("empty masks" in r for r in reasons)  # segmentation decoder table
+    assert all(a.get("data-sort") == "" for a, _ in na)  # undefined values sort last
+    best = [c for a, c in page.cells if c == "0.600"]
+    assert best  # the defined backbone is still shown (and is the best row of "flat")
+
+
+def test_html_environment_and_failed_sections(tmp_path):
+    """Distinct run environments with their run counts (missing ones counted), failed units with their error."""
+    import torch
+    from medprobe.results.html import render_html
+    from medprobe.runtime import environment
+    cpu = environment(torch.device("cpu"), "fp32")
+    other = {**cpu, "precision": "bf16", "packages": {**cpu["packages"], "torch": "9.9.9"}}
+    units = [{"dataset": "d", "seed": s, "env": env, "metrics": {"auroc": (0.7, None)}}
+             for s, env in enumerate([cpu, cpu, cpu, other, None])]
+    units.append({"dataset": "d", "seed": 9, "status": "failed", "error": "DataError: label column missing",
+                  "env": cpu})
+    html = render_html(_unit_db(tmp_path / "run", units))
+    page = _Page(html)
+    env_table = html[html.index('id="environment"'):html.index('id="all"')]
+    cells = [c for _, c in _Page(env_table).cells]
+    assert cells[:6] == ["", "environment 1", "environment 2", "finished runs", "3", "1"]  # most used first
+    assert cpu["python"] in cells and cpu["packages"]["torch"] in cells and "9.9.9" in cells and "bf16" in cells
+    text = "".join(_Page(env_table).text)
+    assert "differ in torch, precision" in text
+    assert "1 finished run(s) recorded no environment" in text
+    failed = html[html.index('id="failed"'):html.index('id="environment"')]
+    assert "DataError: label column missing" in failed and "1 unit(s) failed" in failed
+    assert [t for t, a in page.tags if t == "a" and a.get("href") == "#failed"]
+
+
+def test_html_templates_found_in_installed_package(tmp_path):
+    """The templates and static files ship in the wheel and are found through importlib.resources there."""
+    import sys
+    import sysconfig
+    import zipfile
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("medprobe-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(site)
+    for name in ("templates/report.html.j2", "templates/macros.html.j2", "static/report.css", "static/report.js"):
+        assert f"medprobe/results/{name}" in names, name
+    code = ("import medprobe, medprobe.results.html as h; "
+            "print(medprobe.__file__); "
+            "print(h.render_page([h.Section('s', 'Title <x>', intro=['a & b'])], name='n', folder='f'))")
+    # -S: without site-packages' .pth files, so the editable install of the working tree is not on the path
+    env = {"PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]), "PATH": os.environ["PATH"]}
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, page = res.stdout.split("\n", 1)
+    assert Path(first).resolve().is_relative_to(site.resolve()), first
+    assert "Title &lt;x&gt;" in page and "a &amp; b" in page and "window.medprobeSort" in page and "--accent" in page

@@ -277,7 +277,9 @@ def test_msd_tasks(tmp_path, task, classes):
     ds = build_dataset("msd", root)
     assert ds.task.kind == "segmentation" and ds.task.class_names == classes and ds.ndim == 3 and len(ds) == 5
     image, mask = ds.load_image(0), ds.load_mask(0)
-    assert image.shape == mask.shape == (4, 8, 7)  # NIfTI (8, 7, 4) with D = the third axis
+    # NIfTI (8, 7, 4) in RAS -> canonical axial layout SPL: D = S (4), H = P (7), W = L (8)
+    assert image.shape == mask.shape == (4, 7, 8)
+    assert build_dataset("msd", root, orientation="file").load_image(0).shape == (4, 8, 7)  # D = third axis
     assert set(np.unique(mask)) == set(range(len(classes)))
     assert np.allclose(np.linalg.norm(ds.affine(0)[:3, :3], axis=0), [3.0, 1.5, 1.5])  # voxel sizes in D, H, W
     assert ds.records[0].patient_id == ds.records[0].key and "_99" not in " ".join(by_key(ds))
@@ -289,7 +291,7 @@ def test_msd_tasks(tmp_path, task, classes):
 def test_msd_multichannel_and_bad_json(tmp_path):
     root = F.write_msd(tmp_path, "Task01_BrainTumour", n=3, channels=4)
     ds = build_dataset("msd", root, channel=2)
-    assert ds.load_image(0).shape == (4, 8, 7) and ds.records[0].metadata["modality"] == "t1gd"
+    assert ds.load_image(0).shape == (4, 7, 8) and ds.records[0].metadata["modality"] == "t1gd"
     assert np.allclose(ds.load_image(0) - build_dataset("msd", root, channel=0).load_image(0), 20)
     with pytest.raises(ConfigError, match="4 modalities"):
         build_dataset("msd", root, channel=4)

@@ -6,67 +6,62 @@ without a traceback and exits with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from medprobe.errors import ConfigError, MedprobeError
+from medprobe.cliargs import parse_blocks, parse_options, positive_int
+from medprobe.errors import MedprobeError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _parse_blocks(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--blocks takes comma-separated integers such as 1,4; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--blocks values are numbers of last blocks (>= 1); got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _parse_options(items: Sequence[str]) -> dict:
-    """``key=value`` pairs; values parsed as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 # --------------------------------------------------------------------------- list
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print a table without ever cutting a cell: rich on a terminal, plain aligned text otherwise.
+
+    Piped output (``medprobe list backbones | grep dinov2``) is one line per row, columns
+    separated by two spaces, the last column unpadded.
+    """
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        table = Table(title=title)
+        for i, col in enumerate(columns):  # the first column (the name) is never wrapped or cut
+            table.add_column(col, no_wrap=i == 0, min_width=max([len(col)] + [len(r[0]) for r in rows]) if i == 0
+                             else None, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    for row in [list(columns)] + [list(r) for r in rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]
+        print("  ".join(cells).rstrip())
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
     console = Console()
     if args.what == "backbones":
         from medprobe.backbones import list_backbones
         specs = list_backbones()
+        if args.details:
+            from medprobe.backbones.registry import describe, get_spec
+            info = describe(get_spec(args.details))
+            print(json.dumps(info, indent=1) if args.json else
+                  "\n".join(f"{k:<20} {v}" for k, v in info.items()))
+            return 0
         if args.json:
             print(json.dumps([s.to_dict() for s in specs], indent=1))
             return 0
-        table = Table(title="medprobe backbones")
-        for col in ("name", "family", "dim", "patch", "blocks", "size", "mean/std", "description"):
-            table.add_column(col)
-        for s in specs:
-            table.add_row(s.name, s.family, str(s.embed_dim), str(s.patch_size or "-"), str(s.num_blocks),
-                          str(s.default_image_size), f"{s.preprocess.mean[0]:.3f}/{s.preprocess.std[0]:.3f}",
-                          s.description)
-        console.print(table)
+        print_table("medprobe backbones",
+                    ("name", "family", "dim", "patch", "blocks", "size", "mean/std", "description"),
+                    [(s.name, s.family, str(s.embed_dim), str(s.patch_size or "-"), str(s.num_blocks),
+                      str(s.default_image_size), f"{s.preprocess.mean[0]:.3f}/{s.preprocess.std[0]:.3f}",
+                      s.description) for s in specs])
         return 0
     if args.what == "datasets":
         from medprobe.data.adapters import get_adapter, list_adapters
@@ -81,12 +76,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([{"name": i.name, "summary": i.summary} for i in infos], indent=1))
             return 0
-        table = Table(title="medprobe dataset adapters")
-        table.add_column("name")
-        table.add_column("summary")
-        for i in infos:
-            table.add_row(i.name, i.summary)
-        console.print(table)
+        print_table("medprobe dataset adapters", ("name", "summary"), [(i.name, i.summary) for i in infos])
         return 0
     from medprobe.protocols import list_protocols
     names = list_protocols()
@@ -100,11 +90,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from medprobe.data.adapters import build_dataset
     from medprobe.data.splits import check_no_leakage
     from medprobe.features import extract_features
-    options = _parse_options(args.option or [])
+    options = parse_options(args.option or [])
     dataset = build_dataset(args.dataset, args.root, **options)
     check_no_leakage(dataset)  # the same guard as `medprobe run`: no patient in two splits
     backbone = create_backbone(args.backbone, args.weights, tiny=args.tiny,
-                               overrides=_parse_options(args.arch or []) or None)
+                               overrides=parse_options(args.arch or []) or None)
     result = extract_features(backbone, dataset, args.cache_dir, image_size=args.image_size,
                               last_blocks=max(args.blocks), precision=args.precision, batch_size=args.batch_size,
                               progress=not args.quiet)
@@ -121,13 +111,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def extra_command(register: Callable[[argparse._SubParsersAction], None]) -> Callable:
-    """Let a subpackage add a subcommand (``register(subparsers)`` sets ``handler``)."""
-    _EXTRA_COMMANDS.append(register)
-    return register
+# Modules that add subcommands, each through ``register_cli(subparsers)``; their heavy imports
+# happen inside the handlers, so ``medprobe --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = (
+    "medprobe.experiment.cli",
+    "medprobe.presets.cli",
+    "medprobe.pretrain.cli",
+    "medprobe.data.cli",
+    "medprobe.features.cli",
+    "medprobe.analysis.cli",
+    "medprobe.results.cli",
+    "medprobe.demo",
+    "medprobe.backbones.cli",
+    "medprobe.score_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list backbones, datasets or protocols")
     p.add_argument("what", choices=["backbones", "datasets", "protocols"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--details", metavar="NAME", help="(datasets) full description of one adapter")
+    p.add_argument("--details", metavar="NAME", help="full description of one dataset adapter, or of one backbone (with "
+                   "the weights file it needs and where it is published)")
     p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("extract", help="embed a dataset with a backbone into the feature store")
@@ -151,18 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset adapter name (see `medprobe list datasets`)")
     p.add_argument("--root", default=None, help="dataset location (file or folder) for the adapter")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="adapter option, repeatable")
-    p.add_argument("--image-size", type=_positive_int, default=None)
+    p.add_argument("--image-size", type=positive_int, default=None)
     p.add_argument("--cache-dir", required=True)
-    p.add_argument("--blocks", type=_parse_blocks, default=[1, 4],
+    p.add_argument("--blocks", type=parse_blocks, default=[1, 4],
                    help="numbers of last blocks the probes will use, e.g. 1,4 (default); the store keeps max of them")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_extract)
 
-    from medprobe import commands  # noqa: F401  (registers the other subcommands)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register_cli(sub)
     return parser
 
 

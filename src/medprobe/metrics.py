@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -314,30 +315,148 @@ def metric_value(y_true: np.ndarray, scores: np.ndarray, task: str, metric: str)
 
 
 # --------------------------------------------------------------------------- segmentation
-def _hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None) -> float:
-    """Symmetric 95th-percentile Hausdorff distance between the surfaces of masks ``a`` and ``b``.
+SURFACE_METRICS = ("hd95", "assd", "nsd")
+EMPTY_CONVENTIONS = ("one", "nan")
 
-    Surface voxels are those removed by one binary erosion; the value is the larger of the two
-    directed 95th percentiles (as MONAI's ``compute_hausdorff_distance(percentile=95)``).
+
+def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
+    if spacing is None:
+        return np.ones(ndim)
+    sp = np.asarray(spacing, dtype=np.float64).ravel()
+    if len(sp) != ndim:
+        raise ConfigError(f"spacing needs one value per axis ({ndim}), got {list(np.asarray(spacing).ravel())}")
+    if not np.all(np.isfinite(sp) & (sp > 0)):
+        raise ConfigError(f"spacing values must be finite and > 0, got {sp.tolist()}")
+    return sp
+
+
+def union_bbox(a: np.ndarray, b: np.ndarray, pad: int = 1) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of ``a | b`` grown by ``pad`` voxels (clipped); None when both are empty."""
+    u = a | b
+    out = []
+    for axis in range(u.ndim):
+        hit = np.flatnonzero(u.any(axis=tuple(k for k in range(u.ndim) if k != axis)))
+        if not len(hit):
+            return None
+        out.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, u.shape[axis])))
+    return tuple(out)
+
+
+def surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` removed by one binary erosion (face connectivity; outside the array counts as empty)."""
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (in ``spacing`` units) from every surface voxel of ``a`` to the surface of ``b``, and back.
+
+    Exact, and cheap because nothing is computed over the whole array: both masks are cropped to
+    the bounding box of their union (one voxel of margin, so the erosion sees the same
+    neighbourhood as in the full array); surface voxels shared by both masks are at distance 0;
+    the others look for the other surface among their neighbours in order of increasing physical
+    distance up to ``3 * min(spacing)`` (the first hit is the nearest), and the few left over are
+    matched with a k-d tree over physical coordinates. No dense distance transform is run. An
+    empty surface on the other side gives ``inf`` distances (as MONAI's ``get_surface_distance``).
     """
-    sa, sb = a & ~ndimage.binary_erosion(a), b & ~ndimage.binary_erosion(b)
-    d_ab = ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
-    d_ba = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ConfigError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    sp = _check_spacing(spacing, a.ndim)
+    box = union_bbox(a, b)
+    if box is None:
+        return np.zeros(0), np.zeros(0)
+    sa, sb = surface_voxels(a[box]), surface_voxels(b[box])
+    shared = sa & sb
+    return _directed(sa, sb, shared, sp), _directed(sb, sa, shared, sp)
+
+
+def _offsets(sp: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer neighbour offsets within ``radius`` (physical units), sorted by length; their lengths; reach per axis."""
+    reach = np.floor(radius / sp + 1e-9).astype(int)
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    offs = np.stack([g.ravel() for g in grids], 1)
+    lengths = np.sqrt(((offs * sp) ** 2).sum(1))
+    keep = (lengths > 0) & (lengths <= radius + 1e-9)
+    order = np.argsort(lengths[keep], kind="stable")
+    return offs[keep][order], lengths[keep][order], reach
+
+
+def _directed(sx: np.ndarray, sy: np.ndarray, shared: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Distance of every surface voxel of ``sx`` to the nearest voxel of ``sy`` (both cropped alike)."""
+    n_shared = int(shared.sum())
+    rest = np.argwhere(sx & ~shared)
+    if not len(rest):
+        return np.zeros(n_shared)
+    if not sy.any():
+        return np.full(n_shared + len(rest), np.inf)
+    d = np.full(len(rest), np.inf)
+    offs, lengths, reach = _offsets(sp, 3.0 * float(sp.min()))
+    if len(offs):  # local search: neighbours in order of distance, on a copy of sy padded by the reach
+        padded = np.pad(sy, [(int(r), int(r)) for r in reach])
+        flat = padded.ravel()
+        strides = np.array([int(np.prod(padded.shape[k + 1:])) for k in range(padded.ndim)])
+        q = (rest + reach) @ strides
+        todo = np.arange(len(rest))
+        for off, length in zip(offs @ strides, lengths):
+            hit = flat[q[todo] + off]
+            if hit.any():
+                d[todo[hit]] = length
+                todo = todo[~hit]
+                if not len(todo):
+                    break
+    else:
+        todo = np.arange(len(rest))
+    if len(todo):  # farther than the local search reaches: exact nearest neighbour over the whole surface
+        from scipy.spatial import cKDTree
+        tree = cKDTree(np.argwhere(sy) * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
+        d[todo] = tree.query(rest[todo] * sp, k=1)[0]
+    return np.concatenate([np.zeros(n_shared), d])
+
+
+def hd95_from(d_ab: np.ndarray, d_ba: np.ndarray) -> float:
+    """The larger of the two directed 95th percentiles (MONAI ``compute_hausdorff_distance(percentile=95)``)."""
     return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+
+
+def assd_from(d_ab: np.ndarray, d_ba: np.ndarray) -> float:
+    """Average symmetric surface distance: the mean over both directions' surface voxels."""
+    return float(np.concatenate([d_ab, d_ba]).mean())
+
+
+def nsd_from(d_ab: np.ndarray, d_ba: np.ndarray, tolerance: float) -> float:
+    """Normalised surface distance: the fraction of both surfaces within ``tolerance`` of the other."""
+    total = len(d_ab) + len(d_ba)
+    return float(((d_ab <= tolerance).sum() + (d_ba <= tolerance).sum()) / total) if total else math.nan
 
 
 def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int, class_names: Sequence[str],
                          include_background: bool = False, hd95: bool = False,
-                         spacing: Sequence[float] | None = None) -> list[MetricValue]:
-    """Per-class Dice and Jaccard of one 2D image or 3D volume, their means and ``dice_jaccard_mean``.
+                         spacing: Sequence[float] | None = None, surface: Sequence[str] = (),
+                         tolerance_mm: float = 1.0, empty: str = "one") -> list[MetricValue]:
+    """Per-class Dice and Jaccard of one 2D image or 3D volume (and surface metrics), their class means.
 
     ``pred`` and ``target`` are integer label maps of equal shape with values in ``0..num_classes-1``;
-    class 0 is background and is left out unless ``include_background``. A class absent from
-    both maps scores 1.0 ("empty truth and prediction"); absent from the truth only, 0.0. The
-    means are over the included classes; ``dice_jaccard_mean = (mean Dice + mean Jaccard) / 2``.
-    With ``hd95`` the 95th-percentile Hausdorff distance (in ``spacing`` units, default 1 per
-    voxel) is added per class and averaged over the classes where it is defined.
+    class 0 is background and is left out unless ``include_background``. The means are over the
+    included classes where a value is defined; ``dice_jaccard_mean = (mean Dice + mean Jaccard) / 2``.
+
+    Surface metrics (``surface`` names some of ``hd95``, ``assd``, ``nsd``; ``hd95=True`` adds
+    ``hd95``) are in ``spacing`` units (mm for a volume's voxel size; default 1 per voxel):
+    HD95, the average symmetric surface distance and the normalised surface distance at
+    ``tolerance_mm``, with MONAI's definitions (surface = voxels removed by one erosion), computed
+    on the bounding box of the two masks (:func:`surface_distances`).
+
+    Empty masks: a class absent from the truth but predicted scores Dice/Jaccard/NSD 0 (distances
+    undefined, NaN). A class absent from both is scored by ``empty``: ``one`` (Dice, Jaccard and
+    NSD 1: nothing to find, nothing found) or ``nan`` (left out of the means, as nnU-Net does);
+    its distances are NaN either way. Every such value carries a note saying why.
     """
+    check_choice(empty, EMPTY_CONVENTIONS, "empty")
+    wanted = list(dict.fromkeys((["hd95"] if hd95 else []) + list(surface)))
+    for m in wanted:
+        check_choice(m, SURFACE_METRICS, "surface metric")
+    if not (isinstance(tolerance_mm, (int, float)) and math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ConfigError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
     p, t = np.asarray(pred), np.asarray(target)
     if p.shape != t.shape:
         raise ConfigError(f"prediction and target shapes differ: {p.shape} vs {t.shape}")
@@ -347,13 +466,13 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
         raise ConfigError(f"num_classes is {num_classes} but {len(class_names)} class names were given")
     maps = []
     for name, a in (("prediction", p), ("target", t)):  # float maps holding whole numbers are accepted
-        if a.size and (not np.all(np.isfinite(a) & (a == np.round(a))) or a.min() < 0 or a.max() >= num_classes):
+        whole = a.dtype.kind in "biu" or bool(np.all(np.isfinite(a) & (a == np.round(a))))
+        if a.size and (not whole or a.min() < 0 or a.max() >= num_classes):
             raise ConfigError(f"{name} must be an integer label map with values in 0..{num_classes - 1}, "
                               f"got dtype {a.dtype} and values {np.unique(a)[:10].tolist()}")
         maps.append(a.astype(np.int64, copy=False))
     p, t = maps
-    if spacing is not None and len(spacing) != p.ndim:
-        raise ConfigError(f"spacing needs one value per axis ({p.ndim}), got {list(spacing)}")
+    sp = _check_spacing(spacing, p.ndim)
     classes = list(range(0 if include_background else 1, num_classes))
     if not classes:
         raise ConfigError("no class to score: num_classes is 1 and include_background is False")
@@ -362,27 +481,93 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
     tp = np.diag(conf)[classes].astype(np.float64)
     fn, fp = conf.sum(1)[classes] - tp, conf.sum(0)[classes] - tp
     empty_truth = (tp + fn) == 0
-    dice = np.where(empty_truth & (fp == 0), 1.0, _ratio(2 * tp, 2 * tp + fp + fn))
-    jac = np.where(empty_truth & (fp == 0), 1.0, _ratio(tp, tp + fp + fn))
-    notes = ["empty truth and prediction" if e and f == 0 else "empty truth, non-empty prediction" if e else None
+    both_empty = empty_truth & (fp == 0)
+    fill = 1.0 if empty == "one" else math.nan
+    dice = np.where(both_empty, fill, _ratio(2 * tp, 2 * tp + fp + fn))
+    jac = np.where(both_empty, fill, _ratio(tp, tp + fp + fn))
+    both_note = "empty truth and prediction"
+    n_both = int(both_empty.sum())
+    convention = (f"{n_both} class(es) empty in truth and prediction scored {'1' if empty == 'one' else 'NaN'} "
+                  f"(empty={empty})") if n_both else None
+    notes = [both_note if e and f == 0 else "empty truth, non-empty prediction" if e else None
              for e, f in zip(empty_truth, fp)]
     names = [class_names[c] for c in classes]
     rows: list[MetricValue] = []
+    means = {}
     for metric, vals in (("dice", dice), ("jaccard", jac)):
         rows += [MetricValue(metric, float(v), n, note=note) for v, n, note in zip(vals, names, notes)]
-        rows.append(MetricValue(metric, float(vals.mean())))
-    rows.append(MetricValue("dice_jaccard_mean", float((dice.mean() + jac.mean()) / 2)))
-    if hd95:
-        values = []
-        for c, name in zip(classes, names):
+        means[metric] = float(_nanmean(vals, 0))
+        rows.append(MetricValue(metric, means[metric], note=_join(_aggregate_note(vals, names, [None] * len(names)),
+                                                                   convention)))
+    rows.append(MetricValue("dice_jaccard_mean", (means["dice"] + means["jaccard"]) / 2))
+    if wanted:
+        values: dict[str, list[float]] = {m: [] for m in wanted}
+        for c, name, both in zip(classes, names, both_empty):
             a, b = p == c, t == c
-            if a.any() and b.any():
-                values.append(_hd95(a, b, spacing))
-                rows.append(MetricValue("hd95", values[-1], name))
+            has_a, has_b = bool(a.any()), bool(b.any())
+            got: dict[str, float] = {}
+            note = None
+            if has_a and has_b:
+                d_ab, d_ba = surface_distances(a, b, sp)
+                got = {"hd95": hd95_from(d_ab, d_ba), "assd": assd_from(d_ab, d_ba),
+                       "nsd": nsd_from(d_ab, d_ba, float(tolerance_mm))}
+            elif both:
+                note = "empty truth and prediction"
+                got = {"hd95": math.nan, "assd": math.nan, "nsd": fill}
             else:
-                values.append(math.nan)
-                side = "truth and prediction" if not (a.any() or b.any()) else "truth" if not b.any() else "prediction"
-                rows.append(MetricValue("hd95", math.nan, name, note=f"empty {side}"))
-        agg = _nanmean(np.array(values), 0)
-        rows.append(MetricValue("hd95", float(agg), note=_aggregate_note(np.array(values), names, [None] * len(names))))
+                note = f"empty {'truth' if not has_b else 'prediction'}"
+                got = {"hd95": math.nan, "assd": math.nan, "nsd": 0.0}
+            for m in wanted:
+                values[m].append(got[m])
+                m_note = note if (note and (math.isnan(got[m]) or both)) else None
+                rows.append(MetricValue(m, got[m], name, note=m_note))
+        for m in wanted:
+            v = np.array(values[m])
+            agg = _aggregate_note(v, names, [None] * len(names))
+            rows.append(MetricValue(m, float(_nanmean(v, 0)), note=_join(agg, convention) if m == "nsd" else agg))
     return rows
+
+
+def aggregate_cases(per_case: Sequence[Sequence[MetricValue]], *, bootstrap: int = 0, seed: int = 0
+              ) -> list[MetricValue]:
+    """Average per-case metric values (images or volumes) over cases, per (metric, class).
+
+    Undefined per-case values (NaN, e.g. HD95 with an empty prediction) are left out of the
+    mean and counted in the note, with the notes the per-case metrics gave. Class-mean rows
+    (``cls=None``) get a percentile bootstrap CI over cases when ``bootstrap`` > 0.
+    """
+    values: dict[tuple[str, str | None], list[float]] = defaultdict(list)
+    notes: dict[tuple[str, str | None], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    order: list[tuple[str, str | None]] = []
+    for case in per_case:
+        for m in case:
+            key = (m.metric, m.cls)
+            if key not in values:
+                order.append(key)
+            v = m.value
+            values[key].append(float("nan") if v is None else float(v))
+            if getattr(m, "note", None):
+                notes[key][str(m.note)] += 1
+    rng = np.random.default_rng(seed)
+    out = []
+    for key in order:
+        v = np.asarray(values[key], dtype=np.float64)
+        ok = np.isfinite(v)
+        n = int(len(v))
+        mean = float(v[ok].mean()) if ok.any() else float("nan")
+        parts = [f"{cnt}/{n} cases: {text}" for text, cnt in notes[key].items()]
+        if (~ok).any():
+            parts.insert(0, f"undefined for {int((~ok).sum())}/{n} cases (left out of the mean)")
+        lo = hi = None
+        if bootstrap > 0 and key[1] is None and ok.sum() >= 2:
+            good = v[ok]
+            idx = rng.integers(0, len(good), size=(bootstrap, len(good)))
+            means = good[idx].mean(axis=1)
+            lo, hi = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+        out.append(MetricValue(metric=key[0], value=mean, cls=key[1], ci_low=lo, ci_high=hi,
+                               note="; ".join(parts) or None))
+    return out
+
+
+def _join(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None

@@ -3,7 +3,9 @@
 A :class:`Predictions` holds, per split, the sample keys and patient ids and any number of
 named per-sample columns: ``target`` and ``score`` for classification (``(N,)`` binary,
 ``(N, C)`` multiclass/multilabel), per-case metrics such as ``dice`` ``(N, C)`` for
-segmentation, ``reference``/``generated`` strings for report generation. It is written as
+segmentation, ``reference``/``generated`` strings for report generation. Optional per-sample
+``metadata`` columns (sex, age_bin, view, site...) let subgroup analyses run on finished
+experiments; files written without them read back with an empty ``metadata``. It is written as
 one ``.npz`` (no pickles) under a temporary name and renamed, and its SHA-256 is stored in
 the unit's row, so a damaged or replaced file is detected.
 """
@@ -26,22 +28,54 @@ KINDS = ("classification", "segmentation", "text")
 
 @dataclass
 class SplitPredictions:
-    """One split: ``keys[i]``/``patient_ids[i]`` name row ``i`` of every column."""
+    """One split: ``keys[i]``/``patient_ids[i]`` name row ``i`` of every column and metadata column.
+
+    ``metadata`` values are normalised by :func:`metadata_column`: numbers become float arrays
+    (missing = NaN), anything else strings (missing = ``""``).
+    """
 
     keys: list[str]
     patient_ids: list[str]
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.keys)
         if len(self.patient_ids) != n:
             raise ValueError(f"{len(self.patient_ids)} patient ids for {n} keys")
-        for name, col in self.columns.items():
-            if len(col) != n:
-                raise ValueError(f"column {name!r} has {len(col)} rows for {n} keys")
+        self.metadata = {str(k): metadata_column(v) for k, v in self.metadata.items()}
+        for what, cols in (("column", self.columns), ("metadata column", self.metadata)):
+            for name, col in cols.items():
+                if "/" in name:
+                    raise ValueError(f"{what} name {name!r} may not contain '/'")
+                if len(col) != n:
+                    raise ValueError(f"{what} {name!r} has {len(col)} rows for {n} keys")
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+_META = "__meta__/"  # file-name prefix of metadata columns inside a split
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and v == "")
+
+
+def metadata_column(values: Any) -> np.ndarray:
+    """Per-sample metadata values as an array: float (NaN = missing) when every present value is a
+    number, else strings (``""`` = missing)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "fiu":
+        return arr.astype(np.float64)
+    if arr.dtype.kind == "U":
+        return arr
+    items = list(values)
+    present = [v for v in items if not _missing(v)]
+    if present and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                       for v in present):
+        return np.array([np.nan if _missing(v) else float(v) for v in items], dtype=np.float64)
+    return np.array(["" if _missing(v) else str(v) for v in items], dtype=str)
 
 
 @dataclass
@@ -71,6 +105,8 @@ class Predictions:
                 if col.dtype == object:
                     col = col.astype(str)
                 arrays[f"{split}/{name}"] = col
+            for name, col in sp.metadata.items():
+                arrays[f"{split}/{_META}{name}"] = col
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -94,7 +130,8 @@ class Predictions:
         for split, cols in grouped.items():
             keys = [str(x) for x in cols.pop("__keys__")]
             pids = [str(x) for x in cols.pop("__patients__")]
-            out.splits[split] = SplitPredictions(keys, pids, cols)
+            meta = {k[len(_META):]: cols.pop(k) for k in [k for k in cols if k.startswith(_META)]}
+            out.splits[split] = SplitPredictions(keys, pids, cols, meta)
         return out
 
 
@@ -128,10 +165,12 @@ def read_predictions(path: Path, sha256: str | None = None) -> Predictions:
 
 
 def classification_predictions(task: str, class_names: Any, splits: dict[str, tuple[list[str], list[str],
-                               np.ndarray, np.ndarray]]) -> Predictions:
+                               np.ndarray, np.ndarray]],
+                               metadata: dict[str, dict[str, Any]] | None = None) -> Predictions:
     """Predictions of a classifier from ``{split: (keys, patient_ids, targets, scores)}``.
 
     Binary scores may be given as ``(N, 2)`` probabilities; the positive-class column is kept.
+    ``metadata`` (optional): ``{split: {column: per-sample values}}`` in the same row order.
     """
     out = Predictions("classification", task, tuple(class_names))
     for split, (keys, pids, y, s) in splits.items():
@@ -139,5 +178,6 @@ def classification_predictions(task: str, class_names: Any, splits: dict[str, tu
         if task == "binary" and s.ndim == 2:
             s = s[:, 1]
         out.splits[split] = SplitPredictions(list(map(str, keys)), list(map(str, pids)),
-                                             {"target": np.asarray(y), "score": s})
+                                             {"target": np.asarray(y), "score": s},
+                                             dict((metadata or {}).get(split, {})))
     return out

@@ -53,3 +53,44 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+ENV_PACKAGES = ("torch", "timm", "transformers", "open_clip_torch", "peft", "numpy", "scikit-learn")
+
+
+@functools.cache
+def _git_sha() -> str | None:
+    """The commit of the checkout medprobe runs from (None when installed from a wheel)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device, precision: str) -> dict[str, object]:
+    """What a result was computed with: versions, device and precision (recorded with every run)."""
+    import platform
+    from importlib import metadata
+    from medprobe import __version__
+    versions: dict[str, str | None] = {}
+    for pkg in ENV_PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"medprobe": __version__, "git_sha": _git_sha(), "python": platform.python_version(),
+            "packages": versions, "device": str(device), "device_name": name, "precision": precision,
+            "platform": platform.platform()}

@@ -1,10 +1,8 @@
 """Last-layer CLS-to-patch self-attention per head (RAD-DINO Figure C.3, DINO's attention maps).
 
-Supported: timm ViTs (DINOv2, DeiT, MAE, supervised ViT, BiomedCLIP's trunk), transformers
-ViTs (RAD-DINO's Dinov2Model, ViT-MSN) and open_clip towers. timm and open_clip run fused
-attention kernels that never form the attention matrix, so it is recomputed from the input
-of the last block's attention module (captured with a hook) and that module's own q/k
-projections; transformers models are switched to eager attention for one forward pass.
+The attention matrix comes from :meth:`Backbone.attention` (each family knows how to form it:
+timm and open_clip recompute it from the last block's input and q/k projections, transformers
+models run one eager forward pass).
 
 Each map is the CLS row of the softmax attention restricted to the patch tokens and
 renormalised to sum to 1 (attention to the CLS token itself and to register tokens is
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medprobe.analysis.images import (ImageSet, device_of, ensure_dir, overlay, prepare, short_names, show_image,
                                       write_caption)
@@ -49,88 +46,11 @@ def check_attention_support(backbone: Backbone) -> None:
                           f"(its windowed encoder has no class token)")
 
 
-def _family(backbone: Backbone) -> str:
-    m = backbone.model
-    if hasattr(m, "config") and hasattr(m, "encoder"):
-        return "hf"
-    if hasattr(m, "transformer") and hasattr(m.transformer, "resblocks"):
-        return "open_clip"
-    if hasattr(m, "blocks") and hasattr(m.blocks[-1], "attn") and hasattr(m.blocks[-1].attn, "qkv"):
-        return "timm"
-    raise ConfigError(f"attention maps are not supported for {backbone.name} ({type(m).__name__})")
-
-
-def _timm_attention(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
-    attn = backbone.model.blocks[-1].attn
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["x"] = args[0] if args else kwargs["x"]
-
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        backbone.forward_tokens(x)
-    finally:
-        handle.remove()
-    h = captured["x"]
-    b, n, _ = h.shape
-    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
-def _open_clip_attention(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
-    mha = backbone.model.transformer.resblocks[-1].attn
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["x"] = args[0] if args else kwargs["query"]
-
-    handle = mha.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        backbone.forward_tokens(x)
-    finally:
-        handle.remove()
-    h = captured["x"]
-    if not getattr(mha, "batch_first", False):
-        h = h.transpose(0, 1)
-    b, n, d = h.shape
-    heads = mha.num_heads
-    q, k, _ = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    q = q.reshape(b, n, heads, d // heads).transpose(1, 2)
-    k = k.reshape(b, n, heads, d // heads).transpose(1, 2)
-    return ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
-def _hf_attention(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
-    m = backbone.model
-    before = getattr(m.config, "_attn_implementation", None)
-    setter = getattr(m, "set_attn_implementation", None)
-    try:
-        if setter is not None:
-            setter("eager")
-        else:
-            m.config._attn_implementation = "eager"
-        out = m(pixel_values=x, output_attentions=True, **getattr(backbone, "_interpolate_kw", {}))
-    finally:
-        if before is not None:
-            if setter is not None:
-                setter(before)
-            else:
-                m.config._attn_implementation = before
-    if not out.attentions:
-        raise ConfigError(f"{backbone.name}: the model returned no attention weights")
-    return out.attentions[-1]
-
-
 @torch.no_grad()
 def last_layer_attention(backbone: Backbone, inputs: torch.Tensor) -> torch.Tensor:
     """Full softmax attention (B, heads, N, N) of the last block, over all tokens (prefix first)."""
     check_attention_support(backbone)
-    fam = _family(backbone)
-    x = inputs.to(device_of(backbone))
-    fn = {"timm": _timm_attention, "open_clip": _open_clip_attention, "hf": _hf_attention}[fam]
-    return fn(backbone, x).float().cpu()
+    return backbone.attention(inputs.to(device_of(backbone))).float().cpu()
 
 
 @torch.no_grad()

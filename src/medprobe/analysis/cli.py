@@ -32,8 +32,8 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _positive(text: str) -> int:
-    from medprobe.cli import _positive_int
-    return _positive_int(text)
+    from medprobe.cliargs import positive_int
+    return positive_int(text)
 
 
 def _add_model(p: argparse.ArgumentParser, suffix: str = "", required: bool = True, what: str = "") -> None:
@@ -140,16 +140,16 @@ def _images(args: argparse.Namespace) -> Any:
         if args.indices is not None or args.split:
             raise ConfigError("--indices and --split select dataset images; with --images list the files you want")
         return images_from_files(args.images, slices=args.slices, slice_axis=args.slice_axis)
-    from medprobe.cli import _parse_options
-    return images_from_dataset(args.dataset, args.root, _parse_options(args.option), split=args.split,
+    from medprobe.cliargs import parse_options
+    return images_from_dataset(args.dataset, args.root, parse_options(args.option), split=args.split,
                                indices=args.indices, n=args.n, slices=args.slices)
 
 
 def _backbone(name: str, weights: str, tiny: bool, arch: Sequence[str] = ()) -> Any:
     from medprobe.backbones import create_backbone
-    from medprobe.cli import _parse_options
+    from medprobe.cliargs import parse_options
     from medprobe.runtime import default_device
-    return create_backbone(name, weights, tiny=tiny, overrides=_parse_options(arch) or None).to(default_device())
+    return create_backbone(name, weights, tiny=tiny, overrides=parse_options(arch) or None).to(default_device())
 
 
 def _title(backbone: Any, what: str) -> str:

@@ -60,13 +60,21 @@ def _pick_slices(volume: np.ndarray, slices: Sequence[int] | None, name: str) ->
 
 def images_from_files(paths: Sequence[str | Path], slices: Sequence[int] | None = None,
                       slice_axis: int = 2) -> ImageSet:
-    """Read image files; a volume (NIfTI, multi-frame DICOM, 3D array) gives the slices ``slices``
-    (default: the middle one) along ``slice_axis`` (NIfTI only; 2 = axial for RAS-like files)."""
-    from medprobe.data.readers import file_kind, read_image, read_nifti
+    """Read image files; a volume gives the slices ``slices`` (default: the middle one).
+
+    Volumes with a geometry (NIfTI, MHA/MHD/NRRD, a folder of DICOM slices) are read in the
+    canonical orientation (:func:`medprobe.data.volume.read_volume`) and cut along the plane
+    ``slice_axis`` (2 axial, 1 coronal, 0 sagittal), so every slice is drawn in the radiological
+    convention whatever the file's axis order; multi-frame DICOM and 3D arrays are cut along
+    their first axis.
+    """
+    from medprobe.data.readers import read_image
+    from medprobe.data.volume import read_volume, volume_kind
     images, names = [], []
     for path in paths:
         p = Path(path)
-        arr = read_nifti(p, slice_axis=slice_axis)[0] if file_kind(p) == "nifti" else read_image(p)
+        arr = read_volume(p, slice_axis=slice_axis)[0] if volume_kind(p) in ("nifti", "itk", "dicom_series") \
+            else read_image(p)
         if _is_volume(arr):
             for z, im in _pick_slices(arr, slices, p.name):
                 images.append(im)

@@ -16,6 +16,25 @@ from medprobe.errors import ConfigError
 
 RANDOM_INIT_SEED = 0
 
+# family -> "module:class" of its adapter (imported on first use: each family pulls in its library)
+FAMILIES: dict[str, str] = {
+    "timm": "medprobe.backbones.timm_family:TimmBackbone",
+    "hf": "medprobe.backbones.hf_family:HFBackbone",
+    "open_clip": "medprobe.backbones.openclip_family:OpenCLIPBackbone",
+    "open_clip_timm": "medprobe.backbones.openclip_family:OpenCLIPTimmBackbone",
+}
+
+
+def family_class(spec: BackboneSpec) -> type[Backbone]:
+    """The adapter class building ``spec`` (see :data:`FAMILIES`)."""
+    import importlib
+    try:
+        module, _, name = FAMILIES[spec.family].partition(":")
+    except KeyError:
+        raise ConfigError(f"backbone {spec.name!r}: unknown family {spec.family!r} "
+                          f"(known: {', '.join(FAMILIES)})") from None
+    return getattr(importlib.import_module(module), name)
+
 __all__ = ["Backbone", "BackboneSpec", "BlockTokens", "PreprocessSpec", "TokenOutput", "create_backbone",
            "get_spec", "list_backbones", "register_backbone", "save_dinov2_checkpoint"]
 
@@ -31,14 +50,7 @@ def create_backbone(name: str, weights: str | None = "random", *, tiny: bool = F
     spec = get_spec(name)
     source = parse_weights(weights)
     kwargs = {**(spec.tiny if tiny else {}), **(overrides or {})}
-    if spec.family == "timm":
-        from medprobe.backbones.timm_family import TimmBackbone as cls
-    elif spec.family == "hf":
-        from medprobe.backbones.hf_family import HFBackbone as cls
-    elif spec.arch.startswith("timm:"):
-        from medprobe.backbones.openclip_family import OpenCLIPTimmBackbone as cls
-    else:
-        from medprobe.backbones.openclip_family import OpenCLIPBackbone as cls
+    cls = family_class(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # `random` weights are the same on every build and machine
         try:

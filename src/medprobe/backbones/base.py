@@ -77,7 +77,11 @@ class Backbone(nn.Module):
     has_cls_token: bool
     is_vit: bool
     weights_tag: str = "random"
+    tiny: bool = False  # built at the registry's tiny configuration (set by create_backbone)
+    overrides: dict = {}  # constructor arguments applied over the registry's (set by create_backbone)
     model: nn.Module
+    load_report: object = None  # medprobe.backbones.loading.LoadReport when weights were read
+    lora_targets: tuple[str, ...] = ()  # the family's attention + MLP layer names (LoRA defaults)
 
     def forward_tokens(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> TokenOutput:
         """Run the model on normalised images (B, 3, H, W).
@@ -90,6 +94,16 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pooled embedding
         return self.forward_tokens(images).cls
+
+    def attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax self-attention of the last block (B, heads, N, N) over all tokens, prefix tokens
+        first, for normalised images. Families without CLS self-attention raise ConfigError."""
+        from medprobe.errors import ConfigError
+        if not self.is_vit or not self.patch_size:
+            raise ConfigError(f"attention maps need a vision transformer; {self.name} is a CNN and has no "
+                              f"self-attention. Choose a ViT backbone (e.g. dinov2_vits14, rad_dino, deit_s16)")
+        raise ConfigError(f"CLS attention maps need a ViT with a CLS token; {self.name} has none "
+                          f"(e.g. a windowed encoder without class token)")
 
     def block_modules(self) -> list[nn.Module]:
         """The transformer blocks / CNN stages in order (for freezing and truncation)."""

@@ -16,14 +16,17 @@ from torch import nn
 
 from medprobe.backbones.base import Backbone, BlockTokens, TokenOutput
 from medprobe.backbones.registry import BackboneSpec
-from medprobe.backbones.timm_family import TimmBackbone, load_timm_state_dict
-from medprobe.backbones.weights import WeightsSource, hub_file, read_state_dict, strip_prefix
+import torch.nn.functional as F
+
+from medprobe.backbones.loading import LoadReport, load_strict
+from medprobe.backbones.timm_family import TimmBackbone, load_timm_weights
+from medprobe.backbones.weights import Checkpoint, WeightsSource, hub_file, read_checkpoint, strip_prefix
 from medprobe.errors import WeightsError
 
 _CHECKPOINT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def _hub_checkpoint(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+def _hub_checkpoint(spec: BackboneSpec) -> tuple[Checkpoint, str]:
     if spec.hub_id and spec.hub_id.startswith("hf-hub:"):
         repo = spec.hub_id.removeprefix("hf-hub:")
     else:
@@ -34,7 +37,8 @@ def _hub_checkpoint(spec: BackboneSpec) -> dict[str, torch.Tensor]:
     last: Exception | None = None
     for name in _CHECKPOINT_FILES:
         try:
-            return read_state_dict(hub_file(repo, name, spec.name))
+            path = hub_file(repo, name, spec.name)
+            return read_checkpoint(path), str(path)
         except WeightsError as e:
             last = e
     raise last  # type: ignore[misc]
@@ -50,13 +54,17 @@ class OpenCLIPBackbone(Backbone):
             raise WeightsError(f"open_clip does not know architecture {spec.arch!r}")
         vision = CLIPVisionCfg(**{**cfg["vision_cfg"], **(overrides or {})})
         self.model = _build_vision_tower(cfg["embed_dim"], vision, quick_gelu=cfg.get("quick_gelu", False))
+        self.spec = spec
+        self.load_report: LoadReport | None = None
         if weights.kind == "hub":
-            self._load(_hub_checkpoint(spec), f"{spec.arch}/{spec.hub_id}")
+            self.load_report = self._load(*_hub_checkpoint(spec))
         elif weights.kind in ("file", "dir"):
-            self._load(read_state_dict(weights.path), str(weights.path))
+            self.load_report = self._load(read_checkpoint(weights.path), str(weights.path))
         self.spec = spec
         self.name = spec.name
         self.is_vit = True
+        # nn.MultiheadAttention as one target (peft adapts its in- and out-projections) + the MLP
+        self.lora_targets = spec.lora_targets or ("attn", "c_fc", "c_proj")
         self.has_cls_token = True
         self.patch_size = int(vision.patch_size)
         self.embed_dim = int(vision.width)
@@ -65,20 +73,22 @@ class OpenCLIPBackbone(Backbone):
         self.preprocess = spec.preprocess
         self.weights_tag = weights.tag
 
-    def _load(self, sd: dict[str, torch.Tensor], source: str) -> None:
-        sd = strip_prefix(sd, "visual.")
+    def _load(self, ckpt: Checkpoint, source: str) -> LoadReport:
+        report = LoadReport(source, ckpt.layout, list(ckpt.conversions))
+        sd = ckpt.state_dict
+        if any(k.startswith("visual.") for k in sd):
+            sd = strip_prefix(sd, "visual.")
+            report.conversions.append("kept the image tower (visual.*); text tower and logit scale dropped")
         grid = self.model.grid_size
         pos = sd.get("positional_embedding")
         if pos is not None and pos.shape != self.model.positional_embedding.shape:  # other pretraining size
             old = int(round((pos.shape[0] - 1) ** 0.5))
+            sd = dict(sd)
             sd["positional_embedding"] = resample_abs_pos_embed(pos[None], list(grid), [old, old], num_prefix_tokens=1)[0]
-        try:
-            missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        except RuntimeError as e:
-            raise WeightsError(f"weights {source} do not fit the open_clip tower: {str(e)[:800]}") from None
-        if missing or unexpected:
-            raise WeightsError(f"weights {source} do not match the open_clip tower: missing keys {missing[:10]}, "
-                               f"unexpected keys {unexpected[:10]}")
+            report.conversions.append(f"position embedding resampled from {old}x{old} to {grid[0]}x{grid[1]}")
+        load_strict(self.model, sd, source, f"{self.spec.name} (open_clip {self.spec.arch} image tower)")
+        report.tensors = len(sd)
+        return report
 
     def block_modules(self) -> list[nn.Module]:
         return list(self.model.transformer.resblocks)
@@ -116,6 +126,31 @@ class OpenCLIPBackbone(Backbone):
                            blocks=[by_index[i] for i in idx])
 
 
+    def attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Last-block softmax attention (B, heads, N, N), recomputed from the input of the last
+        ``nn.MultiheadAttention`` (captured with a hook) and its own in-projection."""
+        mha = self.model.transformer.resblocks[-1].attn
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["x"] = args[0] if args else kwargs["query"]
+
+        handle = mha.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.forward_tokens(images)
+        finally:
+            handle.remove()
+        h = captured["x"]
+        if not getattr(mha, "batch_first", False):
+            h = h.transpose(0, 1)
+        b, n, d = h.shape
+        heads = mha.num_heads
+        q, k, _ = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        q = q.reshape(b, n, heads, d // heads).transpose(1, 2)
+        k = k.reshape(b, n, heads, d // heads).transpose(1, 2)
+        return ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 class OpenCLIPTimmBackbone(TimmBackbone):
     """An open_clip tower whose trunk is a timm model (BiomedCLIP): tokens from the trunk."""
 
@@ -123,11 +158,17 @@ class OpenCLIPTimmBackbone(TimmBackbone):
         timm_name = spec.arch.removeprefix("timm:")
         super().__init__(spec, WeightsSource("random"), overrides, timm_name=timm_name)
         if weights.kind == "hub":
-            sd, source = _hub_checkpoint(spec), spec.hub_id
+            ckpt, source = _hub_checkpoint(spec)
         elif weights.kind in ("file", "dir"):
-            sd, source = read_state_dict(weights.path), str(weights.path)
+            ckpt, source = read_checkpoint(weights.path), str(weights.path)
         else:
-            sd = None
-        if sd is not None:
-            load_timm_state_dict(self.model, strip_prefix(sd, "visual.trunk."), str(source))
+            ckpt = None
+        if ckpt is not None:
+            sd = ckpt.state_dict
+            if any(k.startswith("visual.trunk.") for k in sd):
+                sd = strip_prefix(sd, "visual.trunk.")
+                ckpt = Checkpoint(sd, ckpt.layout, ckpt.conversions + ["kept the timm trunk of the image tower "
+                                                                       "(visual.trunk.*); text tower, projection "
+                                                                       "head and logit scale dropped"])
+            self.load_report = load_timm_weights(self.model, ckpt, source, f"{spec.name} ({timm_name})")
         self.weights_tag = weights.tag

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from medprobe.backbones.base import PreprocessSpec
 from medprobe.errors import ConfigError, suggest
 
-Family = Literal["timm", "hf", "open_clip"]
+Family = Literal["timm", "hf", "open_clip", "open_clip_timm"]
 
 IMAGENET = PreprocessSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 IMAGENET_BILINEAR = PreprocessSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
@@ -45,7 +45,15 @@ class BackboneSpec:
     has_cls_token: bool = True
     num_register_tokens: int = 0
     tiny: dict[str, Any] = field(default_factory=dict)
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # full-size constructor arguments (hf/open_clip)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # full-size constructor arguments
+    # > 0: position embeddings resampled as the original DINOv2 code does (bicubic,
+    # scale_factor=(n + offset)/N, no antialias) instead of timm's exact-size antialiased resampling
+    interpolate_offset: float = 0.0
+    interpolate_antialias: bool = True  # False: exact-size bicubic without antialias (DeiT, MAE code)
+    dynamic_size: bool = True  # timm ViTs: resample position embeddings for any input size
+    lora_targets: tuple[str, ...] = ()  # LoRA default targets when they differ from the family's
+    weights_file: str = ""  # the released file a user needs ...
+    published_at: str = ""  # ... and where it is published
 
     @property
     def is_vit(self) -> bool:
@@ -92,7 +100,10 @@ for _size, (_dim, _depth) in {"s": (384, 12), "b": (768, 12), "l": (1024, 24), "
             default_image_size=224, preprocess=IMAGENET,
             description=f"DINOv2 ViT-{_size.upper()}/14{' with 4 registers' if _reg else ''}, self-supervised on LVD-142M "
                         "(Oquab et al. 2023)",
-            num_register_tokens=4 if _reg else 0, tiny=dict(_TINY_VIT14)))
+            num_register_tokens=4 if _reg else 0, tiny=dict(_TINY_VIT14),
+            # the released models without registers interpolate with the 0.1 offset, those with registers
+            # with antialias and an exact size (timm's default)
+            interpolate_offset=0.0 if _reg else 0.1))
 
 register_backbone(BackboneSpec(
     name="rad_dino", family="hf", arch="Dinov2Model", hub_id="microsoft/rad-dino", embed_dim=768, patch_size=14,
@@ -121,7 +132,7 @@ register_backbone(BackboneSpec(
     description="OpenCLIP ViT-H/14 image tower trained on LAION-2B (Cherti et al. 2023)",
     tiny=dict(width=48, layers=4, head_width=24, patch_size=14, image_size=56)))
 register_backbone(BackboneSpec(
-    name="biomedclip", family="open_clip", arch="timm:vit_base_patch16_224",
+    name="biomedclip", family="open_clip_timm", arch="timm:vit_base_patch16_224",
     hub_id="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", embed_dim=768, patch_size=16,
     num_blocks=12, default_image_size=224, preprocess=OPENAI_CLIP,
     description="BiomedCLIP ViT-B/16 image tower, contrastive on PMC-15M figure-caption pairs (Zhang et al. 2023)",
@@ -137,7 +148,8 @@ for _size, (_dim, _depth, _arch) in {"b": (768, 12, "samvit_base_patch16"), "l":
 register_backbone(BackboneSpec(
     name="mae_vitl16", family="timm", arch="vit_large_patch16_224", hub_id="timm/vit_large_patch16_224.mae",
     embed_dim=1024, patch_size=16, num_blocks=24, default_image_size=224, preprocess=IMAGENET,
-    description="MAE ViT-L/16, masked autoencoder on ImageNet-1k (He et al. 2022)", tiny=dict(_TINY_VIT16)))
+    description="MAE ViT-L/16, masked autoencoder on ImageNet-1k (He et al. 2022)", tiny=dict(_TINY_VIT16),
+    interpolate_antialias=False))
 register_backbone(BackboneSpec(
     name="vit_l16_in21k", family="timm", arch="vit_large_patch16_224",
     hub_id="timm/vit_large_patch16_224.augreg_in21k", embed_dim=1024, patch_size=16, num_blocks=24,
@@ -146,11 +158,13 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     name="deit_b16", family="timm", arch="deit_base_patch16_224", hub_id="timm/deit_base_patch16_224.fb_in1k",
     embed_dim=768, patch_size=16, num_blocks=12, default_image_size=224, preprocess=IMAGENET,
-    description="DeiT-B/16 supervised on ImageNet-1k (Touvron et al. 2021)", tiny=dict(_TINY_VIT16)))
+    description="DeiT-B/16 supervised on ImageNet-1k (Touvron et al. 2021)", tiny=dict(_TINY_VIT16),
+    interpolate_antialias=False))
 register_backbone(BackboneSpec(
     name="deit_s16", family="timm", arch="deit_small_patch16_224", hub_id="timm/deit_small_patch16_224.fb_in1k",
     embed_dim=384, patch_size=16, num_blocks=12, default_image_size=224, preprocess=IMAGENET,
-    description="DeiT-S/16 supervised on ImageNet-1k (Touvron et al. 2021)", tiny=dict(_TINY_VIT16)))
+    description="DeiT-S/16 supervised on ImageNet-1k (Touvron et al. 2021)", tiny=dict(_TINY_VIT16),
+    interpolate_antialias=False))
 
 _CNNS = {
     "resnet18": ("resnet18.tv_in1k", 512, dict(layers=(1, 1, 1, 1))),
@@ -167,3 +181,141 @@ for _name, (_tag, _dim, _tiny) in _CNNS.items():
         has_cls_token=False,
         description=f"{_name} supervised on ImageNet-1k (torchvision weights); pooled token = global average of the "
                     "last stage; blocks are timm feature levels (stem + stages)", tiny=_tiny))
+
+# --------------------------------------------------------------------------- baselines of the seed studies
+SIGLIP = PreprocessSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+# CheXzero normalises 0-255 grey values with mean 101.48761 and std 83.43944 (its zero-shot code)
+CHEXZERO = PreprocessSpec(mean=(101.48761 / 255,) * 3, std=(83.43944 / 255,) * 3)
+_TINY_HF16 = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96, image_size=64,
+                  patch_size=16)
+
+register_backbone(BackboneSpec(
+    name="dino_vitb16", family="timm", arch="vit_base_patch16_224", hub_id="timm/vit_base_patch16_224.dino",
+    embed_dim=768, patch_size=16, num_blocks=12, default_image_size=224, preprocess=IMAGENET,
+    description="DINO (v1) ViT-B/16, self-distillation on ImageNet-1k (Caron et al. 2021)", tiny=dict(_TINY_VIT16),
+    interpolate_offset=0.1,  # the DINO code interpolates with the same 0.1 offset as DINOv2
+    weights_file="dino_vitbase16_pretrain.pth",
+    published_at="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth "
+                 "(github.com/facebookresearch/dino)"))
+register_backbone(BackboneSpec(
+    name="openclip_vitb16", family="open_clip", arch="ViT-B-16", hub_id="laion2b_s34b_b88k", embed_dim=768,
+    patch_size=16, num_blocks=12, default_image_size=224, preprocess=OPENAI_CLIP,
+    description="OpenCLIP ViT-B/16 image tower trained on LAION-2B (Cherti et al. 2023)",
+    tiny=dict(width=48, layers=4, head_width=24, patch_size=16, image_size=64),
+    weights_file="open_clip_pytorch_model.bin (or open_clip_model.safetensors)",
+    published_at="https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K"))
+register_backbone(BackboneSpec(
+    name="clip_vitl14_336", family="open_clip", arch="ViT-L-14-336-quickgelu", hub_id="openai", embed_dim=1024,
+    patch_size=14, num_blocks=24, default_image_size=336, preprocess=OPENAI_CLIP,
+    description="CLIP ViT-L/14 at 336 px image tower, OpenAI weights (Radford et al. 2021)",
+    tiny=dict(width=48, layers=4, head_width=24, patch_size=14, image_size=56),
+    weights_file="ViT-L-14-336px.pt (OpenAI TorchScript archive)",
+    published_at="the `ViT-L/14@336px` entry of clip.available_models() (github.com/openai/CLIP, clip/clip.py)"))
+register_backbone(BackboneSpec(
+    name="chexzero", family="open_clip", arch="ViT-B-32-quickgelu", hub_id=None, embed_dim=768, patch_size=32,
+    num_blocks=12, default_image_size=224, preprocess=CHEXZERO,
+    description="CheXzero: OpenAI CLIP ViT-B/32 fine-tuned on MIMIC-CXR reports (Tiu et al. 2022); OpenAI-CLIP "
+                "layout (visual.* keys)",
+    tiny=dict(width=48, layers=4, head_width=24, patch_size=32, image_size=64),
+    weights_file="best_64_5e-05_original_22000_0.864.pt (a state dict of the whole CLIP model)",
+    published_at="the Google Drive folder linked from github.com/rajpurkarlab/CheXzero (README, 'Zero-shot "
+                 "inference'); no hub copy"))
+register_backbone(BackboneSpec(
+    name="siglip_vitb16", family="hf", arch="SiglipVisionModel", hub_id="google/siglip-base-patch16-224",
+    embed_dim=768, patch_size=16, num_blocks=12, default_image_size=224, preprocess=SIGLIP, has_cls_token=False,
+    description="SigLIP ViT-B/16 image tower, sigmoid-loss contrastive on WebLI (Zhai et al. 2023); pooled token "
+                "= mean patch token",
+    arch_kwargs=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     image_size=224, patch_size=16),
+    tiny=dict(_TINY_HF16), lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    weights_file="model.safetensors holding the vision tower (vision_model.*) with config.json, or the repo folder",
+    published_at="https://huggingface.co/google/siglip-base-patch16-224"))
+register_backbone(BackboneSpec(
+    name="medsiglip_448", family="hf", arch="SiglipVisionModel", hub_id="google/medsiglip-448",
+    embed_dim=1152, patch_size=14, num_blocks=27, default_image_size=448, preprocess=SIGLIP, has_cls_token=False,
+    description="MedSigLIP-448 image tower: SigLIP So400m/14 tuned on medical image-text pairs (Sellergren et al. "
+                "2025); pooled token = mean patch token",
+    arch_kwargs=dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
+                     image_size=448, patch_size=14),
+    tiny=dict(_TINY_HF16, patch_size=14, image_size=56),
+    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    weights_file="model.safetensors (vision_model.* tensors are taken)",
+    published_at="https://huggingface.co/google/medsiglip-448 (gated: accept the Health AI Developer Foundations "
+                 "terms)"))
+register_backbone(BackboneSpec(
+    name="blip_vitb16", family="hf", arch="BlipVisionModel", hub_id="Salesforce/blip-image-captioning-base",
+    embed_dim=768, patch_size=16, num_blocks=12, default_image_size=384, preprocess=OPENAI_CLIP,
+    description="BLIP ViT-B/16 image encoder (Li et al. 2022)",
+    arch_kwargs=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     image_size=384, patch_size=16),
+    tiny=dict(_TINY_HF16), lora_targets=("qkv", "projection", "fc1", "fc2"),
+    weights_file="model.safetensors of a BLIP model (vision_model.* tensors are taken)",
+    published_at="https://huggingface.co/Salesforce/blip-image-captioning-base"))
+register_backbone(BackboneSpec(
+    name="dinov3_vitb16", family="timm", arch="vit_base_patch16_dinov3", hub_id="timm/vit_base_patch16_dinov3.lvd1689m",
+    embed_dim=768, patch_size=16, num_blocks=12, default_image_size=224, preprocess=IMAGENET,
+    description="DINOv3 ViT-B/16 with 4 registers and RoPE, distilled on LVD-1689M (Simeoni et al. 2025)",
+    tiny=dict(embed_dim=48, depth=4, num_heads=2, img_size=64),
+    weights_file="model.safetensors (timm layout)",
+    published_at="https://huggingface.co/timm/vit_base_patch16_dinov3.lvd1689m (gated: accept the DINOv3 license)"))
+register_backbone(BackboneSpec(
+    name="transunet_r50_vitb16", family="timm", arch="vit_base_r50_s16_224",
+    hub_id="timm/vit_base_r50_s16_224.orig_in21k", embed_dim=768, patch_size=16, num_blocks=12,
+    default_image_size=224, preprocess=INCEPTION,
+    description="R50+ViT-B/16 hybrid, the TransUNet encoder (Chen et al. 2021), ImageNet-21k weights",
+    tiny=dict(embed_dim=48, depth=4, num_heads=2, img_size=64),
+    weights_file="model.safetensors (timm layout; the JAX R50+ViT-B_16.npz is not read)",
+    published_at="https://huggingface.co/timm/vit_base_r50_s16_224.orig_in21k"))
+
+
+def weights_help(spec: BackboneSpec) -> dict[str, str]:
+    """Which weights file a user needs for ``spec`` and where it is published."""
+    if spec.weights_file:
+        return {"file": spec.weights_file, "published_at": spec.published_at}
+    hub = spec.hub_id or ""
+    if spec.name.startswith("dinov2_"):
+        size = spec.name.split("_")[1]
+        stem = f"dinov2_{size}{'_reg4' if spec.num_register_tokens else ''}_pretrain.pth"
+        return {"file": f"{stem} (original release; also read: the facebook/dinov2-* Hugging Face folder, or "
+                        f"model.safetensors from https://huggingface.co/{hub})",
+                "published_at": f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{size}/{stem} "
+                                "(github.com/facebookresearch/dinov2)"}
+    if spec.name.startswith("sam_"):
+        stem = {"sam_vitb16": "sam_vit_b_01ec64.pth", "sam_vitl16": "sam_vit_l_0b3195.pth"}[spec.name]
+        return {"file": f"{stem} (the full SAM checkpoint; its image encoder is taken)",
+                "published_at": f"https://dl.fbaipublicfiles.com/segment_anything/{stem} "
+                                "(github.com/facebookresearch/segment-anything)"}
+    if spec.name == "mae_vitl16":
+        return {"file": "mae_pretrain_vit_large.pth (encoder; mae_visualize_vit_large.pth / _full files with the "
+                        "decoder are read too)",
+                "published_at": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth "
+                                "(github.com/facebookresearch/mae)"}
+    if spec.family == "hf":
+        return {"file": "the repository folder (config.json + model.safetensors) or its model.safetensors",
+                "published_at": f"https://huggingface.co/{hub}"}
+    if spec.family in ("open_clip", "open_clip_timm"):
+        if hub == "openai":
+            return {"file": f"the OpenAI TorchScript .pt for {spec.arch} or open_clip_pytorch_model.bin",
+                    "published_at": "clip.available_models() in github.com/openai/CLIP (clip/clip.py)"}
+        repo = hub.removeprefix("hf-hub:")
+        if not hub.startswith("hf-hub:"):
+            try:
+                import open_clip
+                repo = (open_clip.get_pretrained_cfg(spec.arch, hub) or {}).get("hf_hub", "").strip("/") or repo
+            except Exception:
+                pass
+        return {"file": "open_clip_pytorch_model.bin (or open_clip_model.safetensors)",
+                "published_at": f"https://huggingface.co/{repo}"}
+    return {"file": "model.safetensors (timm layout; a .pth state dict of the same model is read too)",
+            "published_at": f"https://huggingface.co/{hub}"}
+
+
+def describe(spec: BackboneSpec) -> dict[str, Any]:
+    """Everything ``medprobe list backbones --details NAME`` shows."""
+    from dataclasses import asdict as _asdict
+    return {"name": spec.name, "description": spec.description, "family": spec.family, "architecture": spec.arch,
+            "embed_dim": spec.embed_dim, "patch_size": spec.patch_size, "blocks": spec.num_blocks,
+            "default_image_size": spec.default_image_size, "preprocess": _asdict(spec.preprocess),
+            "weights_file": weights_help(spec)["file"], "published_at": weights_help(spec)["published_at"],
+            "hub_id": spec.hub_id, "tiny": dict(spec.tiny),
+            "check": f"medprobe check-weights {spec.name} /path/to/weights"}

@@ -7,11 +7,12 @@ message naming the file to download and how to pass it.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -65,46 +66,150 @@ def path_digest(path: Path | None) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class Checkpoint:
+    """A state dict read from a file, the layout it was recognised as and the conversions applied."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str
+    conversions: list[str] = field(default_factory=list)
+
+
+# Classes that training scripts (MAE, DeiT, timm) pickle next to the weights; safe to rebuild.
+SAFE_GLOBALS: tuple = (argparse.Namespace,)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a safetensors/torch file or a folder holding one, unwrapped."""
+    return read_checkpoint(path).state_dict
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a folder (first of :data:`STATE_DICT_FILES`), else a WeightsError."""
+    for name in STATE_DICT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"no weights file in folder {folder}; expected one of {', '.join(STATE_DICT_FILES)}")
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read ``path`` (a file or a folder holding one) with torch's safe loader and unwrap it."""
+    path = Path(path)
     if path.is_dir():
-        for name in STATE_DICT_FILES:
-            if (path / name).is_file():
-                return read_state_dict(path / name)
-        raise WeightsError(f"no weights file in folder {path}; expected one of {', '.join(STATE_DICT_FILES)}")
+        path = weights_file(path)
+    raw, layout = _read_raw(path)
+    sd, conversions = _unwrap(raw, path)
+    return Checkpoint(sd, layout, conversions)
+
+
+def _read_raw(path: Path) -> tuple[object, str]:
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsError(f"weights file {path} is empty (0 bytes): the download or copy did not complete; "
+                           "fetch it again")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path)), "safetensors"
+        except Exception as e:
+            raise WeightsError(f"cannot read weights file {path}: not a complete safetensors file ({e}); "
+                               f"it may be truncated ({size} bytes): fetch it again") from None
+    if _is_torchscript(path):
+        try:  # OpenAI's CLIP releases: a TorchScript archive; its tensors are read without running its code
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "TorchScript archive"
+        except Exception as e:
+            raise WeightsError(f"cannot read TorchScript weights file {path}: {_reason(e)}") from None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True), "PyTorch checkpoint"
     except Exception as e:  # corrupt or foreign file
-        raise WeightsError(f"cannot read weights file {path}: {e}") from None
-    return unwrap_state_dict(sd, path)
+        raise WeightsError(f"cannot read weights file {path}: {_reason(e)}") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong, in words for a user (never torch's advice to load with ``weights_only=False``)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it stores a Python object of type {found.group(1)} besides the tensors, which medprobe does not "
+                f"unpickle (that could run code); re-save only the weights, e.g. "
+                f"torch.save(checkpoint['model'], 'weights.pth'), or convert them to .safetensors")
+    if "TorchScript" in text:
+        return "it is a TorchScript archive medprobe could not read"
+    if isinstance(e, EOFError) or "EOF" in text:
+        return "the file ends early (truncated download or copy?): fetch it again"
+    if isinstance(e, (KeyError, pickle_error())) or "invalid load key" in text:
+        return ("it is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); expected "
+                ".safetensors, a .pth/.pt/.bin state dict or a Hugging Face folder")
+    if "zip archive" in text or "central directory" in text:
+        return "the zip archive is damaged (truncated download?): fetch it again"
+    text = text.split("Re-running `torch.load`")[0].strip() or type(e).__name__
+    return text[:400]
+
+
+def pickle_error() -> type:
+    import pickle
+    return pickle.UnpicklingError
+
+
+_HEADS = ("dino_head.", "ibot_head.", "head.mlp.", "head.last_layer.")
 
 
 def unwrap_state_dict(sd: object, path: Path | str = "<memory>") -> dict[str, torch.Tensor]:
     """Strip training wrappers: nested ``teacher``/``model`` dicts, ``module.``/``backbone.`` prefixes."""
+    return _unwrap(sd, path)[0]
+
+
+def _unwrap(sd: object, path: Path | str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    notes: list[str] = []
     while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], dict)), None)
-        if inner is None:
-            raise WeightsError(f"{path} holds no state dict (top-level keys: {', '.join(map(str, list(sd)[:10]))})")
-        sd = inner
+        key = next((k for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], dict)), None)
+        if key is None:
+            keys = ", ".join(map(str, list(sd)[:10])) or "none"
+            raise WeightsError(f"{path} holds no state dict (top-level keys: {keys}); expected tensors, or one of "
+                               f"{', '.join(_WRAPPER_KEYS)} holding them")
+        notes.append(f"took the state dict under {key!r}")
+        sd = sd[key]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path} holds a {type(sd).__name__}, expected a state dict")
     out = {}
+    stripped: set[str] = set()
+    heads: set[str] = set()
+    chunked = False
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             continue
-        if k.startswith(("dino_head.", "ibot_head.", "head.mlp.", "head.last_layer.")):
+        if k.startswith(_HEADS):
+            heads.add(k.split(".")[0] + ".")
             continue  # self-supervised projection heads are not part of the backbone
         for p in _PREFIXES:
             if k.startswith(p):
+                stripped.add(p)
                 k = k[len(p):]
         # DINOv2 FSDP block chunks: blocks.<chunk>.<index>.x -> blocks.<index>.x
-        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
-        out[k] = v
-    return out
+        k2 = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
+        chunked |= k2 != k
+        out[k2] = v
+    if stripped:
+        notes.append(f"removed key prefixes {', '.join(sorted(stripped))}")
+    if heads:
+        notes.append(f"dropped training heads {', '.join(sorted(heads))}")
+    if chunked:
+        notes.append("merged DINOv2 block chunks (blocks.<chunk>.<i> -> blocks.<i>)")
+    if not out:
+        raise WeightsError(f"{path} holds no tensors")
+    return out, notes
 
 
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

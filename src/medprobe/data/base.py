@@ -47,6 +47,7 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
     image_path: str | None = None
     mask_path: str | None = None
+    report: str | None = None  # free-text report (e.g. the findings section) for report generation
 
 
 class ImageDataset:
@@ -109,6 +110,8 @@ class ImageDataset:
                              "ndim": self.ndim}, sort_keys=True).encode())
         for r in self.records:
             h.update(f"{r.key}|{r.split}|{r.patient_id}|{r.label}|{r.image_path}|{r.mask_path}\n".encode())
+            if r.report is not None:
+                h.update(hashlib.sha256(r.report.encode()).digest())
         h.update(self._content_digest().encode())
         return h.hexdigest()[:16]
 
@@ -168,3 +171,9 @@ class ArrayDataset(ImageDataset):
             for im in self.images:
                 h.update(np.ascontiguousarray(im).view(np.uint8).data)
         return h.hexdigest()
+
+
+def record_metadata(records: Sequence[Record]) -> dict[str, list[Any]]:
+    """Per-sample metadata columns (sex, age, view...) of ``records``, in order (missing = None)."""
+    names = list(dict.fromkeys(k for r in records for k in r.metadata))
+    return {k: [r.metadata.get(k) for r in records] for k in names}

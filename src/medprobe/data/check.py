@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ class CheckReport:
     patients: int = 0  # distinct patients over all splits
     files_read: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # degenerate splits (see split_warnings)
 
     @property
     def ok(self) -> bool:
@@ -55,7 +56,7 @@ class CheckReport:
         return {"adapter": self.adapter, "root": self.root, "options": self.options, "ok": self.ok,
                 "task": self.task, "class_names": self.class_names, "source": self.source,
                 "split_policy": self.split_policy, "splits": self.splits, "patients": self.patients,
-                "files_read": self.files_read, "problems": self.problems}
+                "files_read": self.files_read, "problems": self.problems, "warnings": self.warnings}
 
     def format(self) -> str:
         """The human-readable report printed by the command line."""
@@ -78,12 +79,16 @@ class CheckReport:
                     vals = [self.splits[s]["classes"].get(c, 0) for s in splits]
                     lines.append(f"  {c:<{width - 2}}  " + "  ".join(f"{v:>8}" for v in vals + [sum(vals)]))
             lines.append(f"files read: {self.files_read}")
+        if self.warnings:
+            lines.append(f"warnings ({len(self.warnings)}):")
+            lines += [f"  - {w}" for w in self.warnings]
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
             lines += [f"  {i}. {p}" for i, p in enumerate(self.problems, start=1)]
             lines.append(f"FAILED: {len(self.problems)} problem(s)")
         else:
-            lines.append("OK: no problems found")
+            lines.append("OK: no problems found" + (f" ({len(self.warnings)} warning(s) above)" if self.warnings
+                                                    else ""))
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -104,8 +109,77 @@ def _label_problem(rec: Record, kind: str, n: int) -> str | None:
 
 
 def _where(ds: ImageDataset, i: int) -> str:
+    """`` [listed in <file> row N]`` for datasets that record where each record is listed."""
     where = getattr(ds, "where", None)
-    return f" [listed in {where[i]}]" if where is not None and i < len(where) else ""
+    return f" [listed in {where[i]}]" if isinstance(where, (list, tuple)) and i < len(where) else ""
+
+
+def _with_where(message: str, ds: ImageDataset, i: int) -> str:
+    return message if "[listed in " in message else message + _where(ds, i)
+
+
+def degenerate_splits(kind: str, class_names: Sequence[str], counts: Mapping[str, Mapping[str, int]],
+                      sizes: Mapping[str, int]) -> list[str]:
+    """Warnings about class coverage, from per-split class counts (``{split: {class: n}}``).
+
+    A class with no image in any split (nothing can be learnt or measured for it: a wrong class
+    list, or a rare finding absent from a subset); a split with no image of a class (a probe
+    trained on it never sees the class, metrics on it cannot measure it: an AUROC of
+    1.000 [1.000, 1.000] is then no result); for multi-label, a class positive in every image
+    of a split. Segmentation counts cases containing the class; background is not checked.
+    """
+    warnings: list[str] = []
+    if kind not in ("binary", "multiclass", "multilabel", "segmentation") or not sizes:
+        return warnings
+    named = [c for c in class_names if not (kind == "segmentation" and c == class_names[0])]  # not background
+    for c in named:
+        if not any(counts.get(s, {}).get(c, 0) for s in sizes):
+            warnings.append(f"class {c!r} has no {'case' if kind == 'segmentation' else 'image'} in any split "
+                            f"({', '.join(f'{s}: {n}' for s, n in sizes.items())} images)")
+    for split, n in sizes.items():
+        if n == 0:
+            continue
+        absent = [c for c in named if not counts.get(split, {}).get(c, 0)
+                  and any(counts.get(s, {}).get(c, 0) for s in sizes)]
+        if absent:
+            use = ("a probe trained on it never sees " + ("it" if len(absent) == 1 else "them")) if split == "train" \
+                else "metrics on it cannot measure " + ("it" if len(absent) == 1 else "them")
+            what = "positive image for" if kind == "multilabel" else "case containing" if kind == "segmentation" \
+                else "image of"
+            label = "class" if len(absent) == 1 else "classes"
+            warnings.append(f"split {split!r} ({n} images) has no {what} {label} "
+                            f"{', '.join(repr(c) for c in absent)}: {use}")
+        if kind == "multilabel":
+            full = [c for c in named if counts.get(split, {}).get(c, 0) == n]
+            if full:
+                use = "a probe cannot learn" if split == "train" else "metrics cannot measure"
+                warnings.append(f"split {split!r} ({n} images): every image is positive for "
+                                f"{', '.join(repr(c) for c in full)}: {use} {'it' if len(full) == 1 else 'them'}")
+    return warnings
+
+
+def _label_counts(ds: ImageDataset) -> dict[str, Counter]:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    n = ds.task.num_classes
+    for rec in ds.records:
+        if _label_problem(rec, ds.task.kind, n) is not None:
+            continue
+        if ds.task.kind == "multilabel":
+            counts[rec.split].update(c for c, v in zip(ds.task.class_names, rec.label) if v)
+        elif ds.task.kind in ("binary", "multiclass"):
+            counts[rec.split][ds.task.class_names[int(rec.label)]] += 1
+    return counts
+
+
+def split_warnings(dataset: ImageDataset) -> list[str]:
+    """Degenerate splits of a labelled dataset, as messages (empty when all is well).
+
+    From the labels only (no pixels are read, so segmentation datasets give none): a class
+    with no image in any split, a split with no image of a class, and (multi-label) a class
+    positive in every image of a split. ``medprobe data check`` shows the same findings.
+    """
+    sizes = {s: int(len(dataset.indices(s))) for s in dataset.splits()}
+    return degenerate_splits(dataset.task.kind, dataset.task.class_names, _label_counts(dataset), sizes)
 
 
 def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any] | None = None, *,
@@ -172,7 +246,7 @@ def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any]
                     else:
                         present[rec.split].update(ds.task.class_names[int(v)] for v in np.unique(mask))
             except MedprobeError as e:
-                report.problems.append(str(e))
+                report.problems.append(_with_where(str(e), ds, i))
             except Exception as e:  # a reader bug or an exotic file: still name it and go on
                 report.problems.append(f"{rec.image_path or rec.key}: unexpected {type(e).__name__}: {e}"
                                        f"{_where(ds, i)}")
@@ -186,6 +260,9 @@ def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any]
                                 "classes": dict(sorted(present[split].items(),
                                                        key=lambda kv: ds.task.class_names.index(kv[0])))}
     report.patients = len({r.patient_id for r in ds.records})
+    if ds.task.kind != "segmentation" or read_files:  # segmentation presence is known only after reading masks
+        report.warnings = degenerate_splits(ds.task.kind, ds.task.class_names, present,
+                                            {s: v["images"] for s, v in report.splits.items()})
     ordered = [s for s in SPLITS if s in report.splits] + [s for s in report.splits if s not in SPLITS]
     report.splits = {s: report.splits[s] for s in ordered}
     return report

@@ -11,10 +11,10 @@ import sys
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Run the check and print the report; the exit code says whether all is well."""
-    from medprobe.cli import _parse_options
+    from medprobe.cliargs import parse_options
     from medprobe.data.check import check_dataset
 
-    options = _parse_options(args.option or [])
+    options = parse_options(args.option or [])
     progress = None
     if not args.quiet and not args.no_read and sys.stderr.isatty():
         def progress(done: int, total: int) -> None:

@@ -81,8 +81,17 @@ def _soft(inside: np.ndarray, edge: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- 2D chest
+#: label-1 findings of the chest phantoms: (Gaussian sigma range, contrast range); sigma in units of
+#: the half-width of the image
+CHEST_FINDINGS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "nodule": ((0.035, 0.09), (0.10, 0.32)),
+    "consolidation": ((0.16, 0.28), (0.25, 0.40)),
+}
+
+
 def make_chest_phantoms(n: int, size: int = 64, seed: int = 0, positive_fraction: float = 0.5, *,
-                        repeat_fraction: float = 0.0
+                        repeat_fraction: float = 0.0, devices: bool = False,
+                        findings: list[dict[str, Any]] | None = None, finding: str = "nodule"
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Synthetic chest radiographs.
 
@@ -91,8 +100,14 @@ def make_chest_phantoms(n: int, size: int = 64, seed: int = 0, positive_fraction
     positive_fraction)`` positives), masks (n, size, size) int64 (0 background, 1 lungs,
     2 heart) and per-image metadata ``{patient_id, sex, age, view}``. With
     ``repeat_fraction`` > 0, that share of images are second images of the previous
-    patient (same anatomy, new noise, view and label).
+    patient (same anatomy, new noise, view and label). ``devices=True`` also draws support
+    devices (a central line, ECG leads; see :mod:`medprobe.data.phantom_reports`); a list passed
+    as ``findings`` receives one dict per image describing what was drawn (for report text).
+    ``finding`` is what label 1 draws (see :data:`CHEST_FINDINGS`): a small ``nodule`` (subtle;
+    a pretrained model's task) or a large ``consolidation`` (visible even to a random network).
     """
+    if finding not in CHEST_FINDINGS:
+        raise ConfigError(f"phantom finding must be one of {', '.join(CHEST_FINDINGS)}, got {finding!r}")
     _check(n, size, positive_fraction=positive_fraction)
     n, size = int(n), int(size)
     rng = np.random.default_rng([seed, 1])
@@ -120,8 +135,15 @@ def make_chest_phantoms(n: int, size: int = 64, seed: int = 0, positive_fraction
     rad, ang = np.sqrt(rng.uniform(0.0, 1.0, n)) * 0.7, rng.uniform(0, 2 * np.pi, n)
     p["nod_x"] = side * p["lung_dx"] + rad * np.cos(ang) * p["lung_rx"]
     p["nod_y"] = p["lung_cy"] + rad * np.sin(ang) * p["lung_ry"]
-    p["nod_s"] = np.maximum(rng.uniform(0.035, 0.09, n), 2.0 / size)
-    p["nod_c"] = rng.uniform(0.10, 0.32, n) * labels
+    (s_lo, s_hi), (c_lo, c_hi) = CHEST_FINDINGS[finding]
+    p["nod_s"] = np.maximum(rng.uniform(s_lo, s_hi, n), 2.0 / size)
+    p["nod_c"] = rng.uniform(c_lo, c_hi, n) * labels
+    if devices or findings is not None:
+        from medprobe.data.phantom_reports import device_parameters, drawn_findings
+        if devices:
+            p.update(device_parameters(n, seed, p))
+        if findings is not None:
+            findings[:] = drawn_findings(p, labels, size)
 
     images = np.empty((n, size, size), dtype=np.float32)
     masks = np.empty((n, size, size), dtype=np.int64)
@@ -164,6 +186,9 @@ def _render_chest(p: dict[str, np.ndarray], size: int, rng: np.random.Generator)
 
     dist2 = (x - col("nod_x")) ** 2 + (y - col("nod_y")) ** 2
     img = img + col("nod_c") * np.exp(-dist2 / (2 * col("nod_s") ** 2))
+    if "line_c" in p:
+        from medprobe.data.phantom_reports import render_devices
+        img = img + render_devices(p, x, y, size)
 
     up = _upsample_matrix(6, size)
     smooth = up[None] @ rng.standard_normal((m, 6, 6), dtype=np.float32) @ up.T[None]

@@ -3,7 +3,8 @@
 Intensities are scaled to [0, 1] (by the dataset's known value range, e.g. 0-255 for 8-bit
 MedMNIST, else per image between the 0.5th and 99.5th percentiles, which suits DICOM and
 NIfTI units), grayscale is repeated to 3 channels, the image is resized with the backbone's
-resize policy and normalised with the backbone's own mean/std.
+resize policy and normalised with the backbone's own mean/std. :meth:`Preprocessor.prepare`
+resizes the native image before scaling, so the per-pixel work happens at the target size.
 """
 from __future__ import annotations
 
@@ -17,16 +18,36 @@ from medprobe.backbones.base import PreprocessSpec
 from medprobe.errors import DataError
 
 
-def scale_intensity(image: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
-    """Map native intensities to [0, 1]."""
+#: percentiles are taken on a strided subsample of at most about this many pixels
+PERCENTILE_SAMPLE = 1 << 18
+
+
+def intensity_range(image: np.ndarray, value_range: tuple[float, float] | None) -> tuple[float, float]:
+    """(lo, hi) mapped to (0, 1): ``value_range``, else the image's 0.5th/99.5th percentiles.
+
+    Percentiles of a large image are taken on a regular strided subsample (every k-th row and
+    column, at most ~``PERCENTILE_SAMPLE`` pixels); images up to that size use every pixel.
+    """
     if value_range is not None:
-        lo, hi = value_range
-    else:
-        lo, hi = np.percentile(image, [0.5, 99.5]) if image.size > 16 else (image.min(), image.max())
-        if hi <= lo:
-            lo, hi = float(image.min()), float(image.max())
+        return float(value_range[0]), float(value_range[1])
+    if image.size <= 16:
+        return float(image.min()), float(image.max())
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / PERCENTILE_SAMPLE))))
+    sample = image[::step, ::step]
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    return lo, hi
+
+
+def scale_intensity(image: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Map native intensities to [0, 1] (float32; no float64 copy of the image)."""
+    lo, hi = intensity_range(image, value_range)
     scale = (hi - lo) if hi > lo else 1.0
-    return np.clip((image - lo) / scale, 0.0, 1.0).astype(np.float32, copy=False)
+    out = np.subtract(image, np.float32(lo), dtype=np.float32)
+    out *= np.float32(1.0 / scale)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 class Preprocessor:
@@ -44,7 +65,8 @@ class Preprocessor:
     def describe(self) -> dict:
         return {"mean": list(self.spec.mean), "std": list(self.spec.std), "input_range": list(self.spec.input_range),
                 "resize": self.spec.resize, "interpolation": self.spec.interpolation, "image_size": self.image_size,
-                "value_range": list(self.value_range) if self.value_range else "per-image p0.5-p99.5"}
+                "value_range": list(self.value_range) if self.value_range else "per-image p0.5-p99.5",
+                "order": "range, resize, scale+clip"}
 
     def to_tensor(self, image: np.ndarray, source: str = "") -> torch.Tensor:
         """(H, W) or (H, W, 3) native image -> (3, H, W) float tensor in [0, 1]."""
@@ -76,11 +98,27 @@ class Preprocessor:
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return ((batch * self._span + self._lo) - self._mean) / self._std
 
+    def prepare(self, image: np.ndarray, source: str = "") -> torch.Tensor:
+        """One native image -> the normalised (3, S, S) input, the cheap way.
+
+        The intensity range is found first (on a subsample), then the native image is resized
+        and only the small result is scaled, clipped and normalised: no full-size float copy
+        beyond the one the resize needs.
+        """
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise DataError(f"{source or 'image'}: expected a 2D image (H, W) or (H, W, 3), got shape {image.shape}")
+        image = image[..., :3]
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise DataError(f"{source or 'image'}: contains NaN or infinite pixel values")
+        lo, hi = intensity_range(image, self.value_range)
+        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        t = self.resize(t)[0]
+        t = ((t - lo) / ((hi - lo) if hi > lo else 1.0)).clamp_(0.0, 1.0)
+        t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
+        return self.normalize(t[None])[0].contiguous()
+
     def __call__(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> torch.Tensor:
         sources = sources or [""] * len(images)
-        tensors = [self.to_tensor(im, src) for im, src in zip(images, sources)]
-        if len({t.shape for t in tensors}) == 1:
-            batch = self.resize(torch.stack(tensors))
-        else:
-            batch = torch.cat([self.resize(t[None]) for t in tensors])
-        return self.normalize(batch).contiguous()
+        return torch.stack([self.prepare(im, src) for im, src in zip(images, sources)])

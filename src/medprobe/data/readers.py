@@ -1,7 +1,10 @@
 """Read medical images from disk into float32 arrays in their native intensity units.
 
 Formats: PNG/JPEG/TIFF/BMP (Pillow), DICOM (pydicom, also extension-less files), NIfTI
-(nibabel) and NumPy ``.npy``/``.npz``. 2D images come back as (H, W) or (H, W, 3);
+(nibabel), MHA/MHD/NRRD (SimpleITK, optional extra ``medprobe[itk]``) and NumPy ``.npy``/``.npz``.
+Volumes with their geometry (canonical orientation, spacing) are read by
+:func:`medprobe.data.volume.read_volume`; a DICOM series' geometry comes from
+:func:`dicom_series_geometry`. 2D images come back as (H, W) or (H, W, 3);
 volumes as (D, H, W) with D the slicing axis. Nothing is normalised: DICOM values are
 passed through the modality LUT (rescale slope/intercept, e.g. to Hounsfield units) and
 MONOCHROME1 images are inverted so that high values are bright, as in MONOCHROME2.
@@ -28,8 +31,9 @@ PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 NUMPY_EXTENSIONS = (".npy", ".npz")
-SUPPORTED_EXTENSIONS = PIL_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS + NUMPY_EXTENSIONS
-MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp") + NIFTI_EXTENSIONS + NUMPY_EXTENSIONS
+ITK_EXTENSIONS = (".mha", ".mhd", ".nrrd", ".nhdr")
+SUPPORTED_EXTENSIONS = PIL_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS + NUMPY_EXTENSIONS
+MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp") + NIFTI_EXTENSIONS + ITK_EXTENSIONS + NUMPY_EXTENSIONS
 
 # Exceptions that mean "this file is broken", as raised by Pillow, pydicom, nibabel, numpy.
 _READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError,
@@ -38,7 +42,7 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, 
 
 
 def file_kind(path: PathLike) -> str:
-    """'pil', 'dicom', 'nifti', 'npy', 'npz' from the file name; 'unknown' otherwise.
+    """'pil', 'dicom', 'nifti', 'itk', 'npy', 'npz' from the file name; 'unknown' otherwise.
 
     A file without extension is 'dicom' (DICOM files often have none).
     """
@@ -46,6 +50,8 @@ def file_kind(path: PathLike) -> str:
     if name.endswith(".nii.gz") or name.endswith(".nii"):
         return "nifti"
     suffix = Path(name).suffix
+    if suffix in ITK_EXTENSIONS:
+        return "itk"
     if suffix in PIL_EXTENSIONS:
         return "pil"
     if suffix in DICOM_EXTENSIONS or suffix == "":
@@ -95,6 +101,9 @@ def read_image(path: PathLike) -> np.ndarray:
         return read_dicom(p)
     if kind == "nifti":
         return read_nifti(p)[0]
+    if kind == "itk":  # geometry-aware formats come back in the canonical axial layout
+        from medprobe.data.volume import read_volume
+        return read_volume(p)[0]
     if kind in ("npy", "npz"):
         arr = _read_numpy(p, keys=("image",))
         if arr.ndim not in (2, 3):
@@ -116,6 +125,9 @@ def read_mask(path: PathLike, slice_axis: int = 2) -> np.ndarray:
         arr = _read_pil(p, mask=True)
     elif kind == "nifti":
         arr = _read_nifti_raw(p, slice_axis, scaled=False)[0]
+    elif kind == "itk":
+        from medprobe.data.volume import read_volume
+        arr = read_volume(p, mask=True)[0]
     elif kind in ("npy", "npz"):
         arr = _read_numpy(p, keys=("mask", "label", "image"))
     else:
@@ -342,13 +354,15 @@ def _modality_lut(arr: np.ndarray, ds: Any, frames: bool) -> tuple[np.ndarray, t
         return out, (float(out.min()), float(out.max()))
     n = arr.shape[0] if frames else 1
     slope, icpt = _rescale_params(ds, n)
-    out = arr.astype(np.float64)
+    out = arr.astype(np.float32)  # float32 throughout: no float64 copy of a full-size image
     if frames:
-        out = out * slope.reshape((n,) + (1,) * (arr.ndim - 1)) + icpt.reshape((n,) + (1,) * (arr.ndim - 1))
-    else:
-        out = out * slope[0] + icpt[0]
+        out *= slope.reshape((n,) + (1,) * (arr.ndim - 1)).astype(np.float32)
+        out += icpt.reshape((n,) + (1,) * (arr.ndim - 1)).astype(np.float32)
+    elif slope[0] != 1 or icpt[0] != 0:
+        out *= np.float32(slope[0])
+        out += np.float32(icpt[0])
     ends = sorted((smin * slope[0] + icpt[0], smax * slope[0] + icpt[0]))
-    return out.astype(np.float32), (float(ends[0]), float(ends[1]))
+    return out, (float(ends[0]), float(ends[1]))
 
 
 def _first(value: Any) -> float:
@@ -404,13 +418,7 @@ def read_dicom(path: PathLike, window: Window = None) -> np.ndarray:
     return _as_float(arr, p)
 
 
-def read_dicom_series(paths: Sequence[PathLike] | PathLike) -> np.ndarray:
-    """Stack single-frame DICOM slices into a (D, H, W) float32 volume.
-
-    ``paths`` is a list of files or a folder (all its files). Slices are ordered by their
-    position along the slice normal (ImagePositionPatient/ImageOrientationPatient), else by
-    InstanceNumber, else as given.
-    """
+def _series_files(paths: Sequence[PathLike] | PathLike) -> list[Path]:
     if isinstance(paths, (str, Path)):
         folder = Path(paths)
         if not folder.is_dir():
@@ -422,18 +430,24 @@ def read_dicom_series(paths: Sequence[PathLike] | PathLike) -> np.ndarray:
     files = [_existing(x) for x in paths]  # type: ignore[union-attr]
     if not files:
         raise DataError("read_dicom_series: no files given")
-    slices, positions, numbers = [], [], []
+    return files
+
+
+def _read_series(files: list[Path]) -> tuple[np.ndarray, list[Any], np.ndarray]:
+    """Slices stacked in order along the slice normal, their datasets (same order), and the order used."""
+    slices, headers, positions, numbers = [], [], [], []
     for f in files:
         ds = _dcmread(f)
         raw = _dicom_pixels(ds, f)
         if raw.ndim != 2:
             raise DataError(f"{f}: expected a single-frame grayscale slice in a series, got pixel shape {raw.shape}")
-        arr, (lo, hi) = _modality_lut(raw, ds, frames=False)
+        arr, (lo, hi) = _modality_lut(raw, ds, frames=False)  # rescale slope/intercept: always applied
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             arr = (lo + hi) - arr
         if slices and arr.shape != slices[0].shape:
             raise DataError(f"{f}: slice shape {arr.shape} differs from {files[0]} with shape {slices[0].shape}")
         slices.append(_as_float(arr, f))
+        headers.append(ds)
         ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if ipp is not None and len(ipp) == 3:
             normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float)) if iop is not None and \
@@ -448,4 +462,53 @@ def read_dicom_series(paths: Sequence[PathLike] | PathLike) -> np.ndarray:
         order = np.argsort(np.asarray([float(v) for v in numbers]), kind="stable")
     else:
         order = np.arange(len(files))
-    return np.stack([slices[i] for i in order]).astype(np.float32)
+    return np.stack([slices[i] for i in order]).astype(np.float32), [headers[i] for i in order], order
+
+
+def read_dicom_series(paths: Sequence[PathLike] | PathLike) -> np.ndarray:
+    """Stack single-frame DICOM slices into a (D, H, W) float32 volume.
+
+    ``paths`` is a list of files or a folder (all its files). Slices are ordered by their
+    position along the slice normal (ImagePositionPatient/ImageOrientationPatient), else by
+    InstanceNumber, else as given. For the voxel geometry use :func:`dicom_series_geometry`.
+    """
+    return _read_series(_series_files(paths))[0]
+
+
+def dicom_series_geometry(paths: Sequence[PathLike] | PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series as ``(volume (slice, row, column), voxel -> RAS+ affine)``.
+
+    The affine comes from ImageOrientationPatient (row and column direction cosines),
+    PixelSpacing (row spacing, column spacing), the ImagePositionPatient of the first and last
+    slice (slice step; SpacingBetweenSlices / SliceThickness along the normal for a single
+    slice) and is converted from DICOM's LPS to RAS. Missing geometry tags are an error naming
+    the file.
+    """
+    files = _series_files(paths)
+    volume, headers, _ = _read_series(files)
+    first = headers[0]
+    where = getattr(first, "filename", None) or files[0]
+    try:
+        iop = np.asarray([float(v) for v in first.ImageOrientationPatient], float)
+        ipp0 = np.asarray([float(v) for v in first.ImagePositionPatient], float)
+        row_sp, col_sp = (float(v) for v in first.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{where}: DICOM slice lacks ImageOrientationPatient, ImagePositionPatient or "
+                        f"PixelSpacing; the series has no usable geometry") from None
+    if len(iop) != 6 or len(ipp0) != 3:
+        raise DataError(f"{where}: malformed ImageOrientationPatient {iop.tolist()} or ImagePositionPatient "
+                        f"{ipp0.tolist()}")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if len(headers) > 1:
+        ipp_last = np.asarray([float(v) for v in headers[-1].ImagePositionPatient], float)
+        step = (ipp_last - ipp0) / (len(headers) - 1)
+    else:
+        thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+        step = normal * float(thick)
+    lps = np.eye(4)
+    lps[:3, 0] = step               # slice index
+    lps[:3, 1] = col_dir * row_sp   # row index moves along the column direction
+    lps[:3, 2] = row_dir * col_sp   # column index moves along the row direction
+    lps[:3, 3] = ipp0
+    return volume, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps

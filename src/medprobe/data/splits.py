@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -148,7 +149,7 @@ def resplit(dataset: ImageDataset, fractions: Sequence[float] = (0.7, 0.1, 0.2),
             method: str = "stratified") -> ImageDataset:
     """A dataset with the same images and a new patient-level split (see :func:`patient_split`)."""
     assign = patient_split(dataset.records, fractions, seed, method)
-    records = [Record(r.key, assign[r.key], r.patient_id, r.label, dict(r.metadata), r.image_path, r.mask_path)
+    records = [replace(r, split=assign[r.key], metadata=dict(r.metadata))
                for r in dataset.records]
     note = f"resplit({method},{','.join(f'{x:g}' for x in _check_fractions(fractions))},seed={seed})"
     return ResplitDataset(dataset, records, note)

@@ -5,12 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from medprobe.errors import MedprobeError
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an experiment file (resumes: finished units are skipped)")
-    p.add_argument("file", help="experiment YAML")
+    p.add_argument("file", nargs="?", help="experiment YAML (or --preset NAME)")
+    p.add_argument("--preset", metavar="NAME", help="run a shipped preset (see `medprobe presets`)")
+    p.add_argument("--stand-in", dest="stand_in", choices=["phantom"],
+                   help="replace every dataset by a phantom of the same task kind and dimensionality (presets)")
+    p.add_argument("--tiny", action="store_true",
+                   help="every backbone at its tiny configuration (random weights, a quarter of the image size)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set protocols.linear.epochs=5 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the units without running them")
@@ -38,27 +42,50 @@ def run_and_report(config, quiet: bool = False) -> int:
     return 1 if summary.failed else 0
 
 
+def _load(args: argparse.Namespace):
+    from medprobe.experiment.config import ExperimentConfig, read_yaml_mapping
+    from medprobe.options import parse
+    from medprobe.presets import load_preset, rewrite
+    if (args.file is None) == (args.preset is None):
+        raise MedprobeError("run: give an experiment file or --preset NAME (one of them)")
+    if args.preset:
+        return load_preset(args.preset, args.overrides, args.stand_in, args.tiny)
+    raw = read_yaml_mapping(args.file, "experiment file", args.overrides)
+    stand_ins = raw.pop("stand_in", None)  # an experiment file may declare its stand-ins as a preset does
+    if args.stand_in or args.tiny:
+        raw = rewrite(raw, stand_ins, args.stand_in, args.tiny)
+    return parse(ExperimentConfig, raw, Path(args.file).name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from medprobe.experiment.config import load_experiment
     from medprobe.experiment.runner import dry_run_lines, plan_experiment
-    config = load_experiment(args.file, args.overrides)
+    config = _load(args)
     if args.dry_run:
         for line in dry_run_lines(plan_experiment(config)):
             print(line)
+        if config.published:
+            print(f"  published numbers: {len(config.published)} ({(config.source or {}).get('table', '')})")
         return 0
-    return run_and_report(config, args.quiet)
+    rc = run_and_report(config, args.quiet)
+    if config.published:
+        from medprobe.presets import format_published, published_rows
+        for line in format_published(published_rows(config.output_path)):
+            print(line)
+    return rc
 
 
 def write_report(output_dir: Path, html: bool) -> list[Path]:
+    """Print the report of ``output_dir`` and write its files (nothing is written in a read-only folder)."""
     from medprobe.results.report import build_report, print_report
     report = build_report(output_dir)
     print_report(report)
+    if not report.written:
+        print(f"{output_dir} is not writable: the report was printed only (results.csv, report.md, plots"
+              f"{', report.html' if html else ''} not written)")
+        return []
     if html:
-        try:
-            from medprobe.results.html import write_html_report
-        except ImportError:
-            raise MedprobeError("the HTML report is not available in this version") from None
-        report.files.append(write_html_report(output_dir))
+        from medprobe.results.html import write_html_report
+        report.files.append(write_html_report(output_dir, report))
     print("wrote " + ", ".join(str(p) for p in report.files if p.suffix != ".png") +
           f" and {sum(p.suffix == '.png' for p in report.files)} plots")
     return report.files

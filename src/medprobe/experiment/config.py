@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from medprobe.backbones.ref import BackboneRef
 from medprobe.errors import ConfigError
 from medprobe.options import coerce, parse, require
 
@@ -23,22 +24,14 @@ class DatasetConfig:
     adapter: str
     root: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    headline_metric: str | None = None  # overrides medprobe.data.headline.headline_metric's default
 
     def describe(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "root": self.root, **self.options}
 
-
-@dataclass
-class BackboneConfig:
-    name: str
-    weights: str = "random"
-    tiny: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
-    image_size: int | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "weights": self.weights, "tiny": self.tiny, "overrides": self.overrides,
-                "image_size": self.image_size}
+    def settings(self) -> dict[str, Any]:
+        """The options that shape the data besides its files (the root is covered by the content fingerprint)."""
+        return {"adapter": self.adapter, **self.options}
 
 
 @dataclass
@@ -54,6 +47,10 @@ class ExperimentConfig:
     batch_size: int = 64
     bootstrap: int = 1000
     cache_dir: str | None = None
+    # where a preset came from and the numbers its paper published (carried to experiment.json for the
+    # report; they decide no result, so they are not part of any unit's key); see medprobe.presets
+    source: dict[str, Any] | None = None
+    published: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         require(len(self.seeds) > 0, "seeds: give at least one seed")
@@ -71,9 +68,10 @@ class ExperimentConfig:
             raw = dict(raw)
             adapter = coerce(raw.pop("adapter"), str, f"datasets.{name}.adapter")
             root = coerce(raw.pop("root", None), str | None, f"datasets.{name}.root")
-            self.dataset_configs[name] = DatasetConfig(adapter, root, raw)
-        self.backbone_configs: dict[str, BackboneConfig] = {
-            name: parse(BackboneConfig, raw, f"backbones.{name}") for name, raw in self.backbones.items()}
+            headline = coerce(raw.pop("headline_metric", None), str | None, f"datasets.{name}.headline_metric")
+            self.dataset_configs[name] = DatasetConfig(adapter, root, raw, headline)
+        self.backbone_configs: dict[str, BackboneRef] = {
+            name: parse(BackboneRef, raw, f"backbones.{name}") for name, raw in self.backbones.items()}
 
     @property
     def output_path(self) -> Path:
@@ -121,6 +119,6 @@ def read_yaml_mapping(path: str | Path, what: str, overrides: list[str] | None =
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML file (structure only; see ``runner.validate``)."""
+    """Read and validate an experiment YAML file (structure only; ``runner.plan_experiment`` checks the rest)."""
     raw = read_yaml_mapping(path, "experiment file", overrides)
     return parse(ExperimentConfig, raw, Path(path).name)

@@ -1,9 +1,16 @@
 """Run an experiment: validate it all, then every unit once, writing results as they finish.
 
-Order of work: datasets are built and checked (leakage guard), every protocol's options
-parsed and every unit's key computed before anything heavy starts. Then, per dataset ×
-backbone, features are extracted at most once (with the largest needs of all frozen
-protocols) and each pending unit runs; ``done`` units of an earlier attempt are skipped.
+Order of work: datasets are built and checked (leakage guard, splits the protocols need),
+backbones resolved (weights by content digest), every protocol's options parsed and every
+unit's key derived before anything heavy starts. Then, per dataset × backbone, features are
+extracted at most once, with the union of the needs of *all* its units (done ones too, so a
+resume reuses the store), and each pending unit runs; ``done`` units are skipped.
+
+A unit's key (:func:`unit_identity`) is derived from everything that decides its numbers:
+the protocol and its implementation version, the unit's complete resolved options, its
+params and seed, the dataset's settings and content fingerprint, the backbone's identity
+(weights by content), the image size, the resolved precision, the batch size and the number
+of bootstrap resamples.
 """
 from __future__ import annotations
 
@@ -15,15 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medprobe.backbones import create_backbone, get_spec
-from medprobe.backbones.weights import parse_weights
+from medprobe.backbones.ref import BackboneRef
 from medprobe.data.base import ImageDataset
+from medprobe.data.check import split_warnings
 from medprobe.errors import ConfigError, MedprobeError
-from medprobe.experiment.config import BackboneConfig, ExperimentConfig
+from medprobe.experiment.config import ExperimentConfig
+from medprobe.experiment.lock import OutputLock
 from medprobe.features import extract_features
-from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, get_protocol
-from medprobe.results.store import ResultsStore, run_key
-from medprobe.runtime import default_device, resolve_precision, seed_everything
+from medprobe.identity import digest
+from medprobe.predictions import write_predictions
+from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, get_protocol
+from medprobe.results.store import ResultsStore, RunRecord, connect_readonly, done_keys
+from medprobe.runtime import default_device, environment, resolve_precision, seed_everything
 
 
 @dataclass
@@ -35,6 +45,7 @@ class PlannedUnit:
     options: Any
     unit: Unit
     variant: str
+    record: RunRecord
 
 
 @dataclass
@@ -43,7 +54,10 @@ class Plan:
     datasets: dict[str, ImageDataset]
     protocol_options: dict[str, tuple[Protocol, Any]]
     units: list[PlannedUnit]
+    needs: dict[tuple[str, str], FeatureNeeds] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # dataset name -> degenerate splits
 
 
 @dataclass
@@ -68,57 +82,125 @@ def build_datasets(config: ExperimentConfig) -> dict[str, ImageDataset]:
     return out
 
 
+def arch_info(ref: BackboneRef) -> ArchInfo:
+    """Blocks and patch size of a backbone, read from a weight-less build on the meta device."""
+    import torch
+    try:
+        with torch.device("meta"):
+            bb = ref.build(weights="random")
+    except MedprobeError:
+        raise
+    except Exception:  # a family that cannot be built on the meta device
+        bb = ref.build(weights="random")
+    return ArchInfo(bb.num_blocks, bb.patch_size, bb.default_image_size)
+
+
+def union(a: FeatureNeeds, b: FeatureNeeds) -> FeatureNeeds:
+    return FeatureNeeds(max(a.last_blocks, b.last_blocks), tuple(sorted(set(a.patch_blocks) | set(b.patch_blocks))))
+
+
+def evaluation_settings(config: ExperimentConfig, ref: BackboneRef, precision: str) -> dict[str, Any]:
+    """The run-level settings that decide a unit's numbers."""
+    return {"image_size": ref.image_size or config.image_size, "precision": precision,
+            "batch_size": config.batch_size, "bootstrap": config.bootstrap}
+
+
+def unit_identity(protocol: Protocol, options: Any, unit: Unit, dataset_identity: dict[str, Any],
+                  backbone_identity: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """``(run key, config key, resolved unit options)``; the config key leaves out seed and backbone."""
+    resolved = protocol.unit_options(options, unit)
+    config = {"protocol": protocol.name, "version": protocol.version, "options": resolved,
+              "params": unit.params, "dataset": dataset_identity, "settings": settings}
+    key = digest({"config": config, "backbone": backbone_identity, "seed": unit.seed})
+    return key, digest(config), resolved
+
+
+def _check_image_size(config: ExperimentConfig, bname: str, ref: BackboneRef, arch: ArchInfo) -> None:
+    size = ref.image_size or config.image_size or arch.default_image_size
+    if arch.patch_size and size % arch.patch_size:
+        where = f"backbones.{bname}.image_size" if ref.image_size else "image_size"
+        lower = size - size % arch.patch_size or arch.patch_size
+        raise ConfigError(f"{where}: {size} is not a multiple of {ref.name}'s patch size {arch.patch_size}; "
+                          f"use {lower} or {lower + arch.patch_size}")
+
+
+def _check_splits(dname: str, ds: ImageDataset, pname: str) -> None:
+    present = ds.splits()
+    for s in ("train", "test"):
+        if s not in present or not len(ds.indices(s)):
+            raise ConfigError(f"datasets.{dname}: protocol {pname!r} needs a {s!r} split but {ds.name} has "
+                              f"{', '.join(present) or 'none'}; give the adapter a split option or a split column")
+
+
 def plan_experiment(config: ExperimentConfig) -> Plan:
-    """Validate the whole experiment and list its units (no model is built)."""
-    for name, bc in config.backbone_configs.items():
-        try:
-            get_spec(bc.name)
-            parse_weights(bc.weights)
-        except MedprobeError as e:
-            raise ConfigError(f"backbones.{name}: {e}") from None
+    """Validate the whole experiment and list its units with their derived keys (no model is loaded)."""
     protocol_options = {}
     for pname, raw in config.protocols.items():
         proto = get_protocol(pname)
         protocol_options[pname] = (proto, proto.parse_options(raw, f"protocols.{pname}"))
+    archs: dict[str, ArchInfo] = {}
+    identities: dict[str, dict[str, Any]] = {}
+    for name, ref in config.backbone_configs.items():
+        try:
+            ref.validate()
+            archs[name] = arch_info(ref)
+            identities[name] = ref.identity()
+        except MedprobeError as e:
+            raise ConfigError(f"backbones.{name}: {e}") from None
+        _check_image_size(config, name, ref, archs[name])
     datasets = build_datasets(config)
-    plan = Plan(config, datasets, protocol_options, [])
+    precision = resolve_precision(config.precision, default_device())
+    plan = Plan(config, datasets, protocol_options, [], precision=precision)
+    env = environment(default_device(), precision)
     for dname, ds in datasets.items():
-        for bname, bc in config.backbone_configs.items():
+        plan.warnings[dname] = [f"{dname}: {w}" for w in split_warnings(ds)]
+        dc = config.dataset_configs[dname]
+        dataset_identity = {"settings": dc.settings(), "fingerprint": ds.fingerprint()}
+        dataset_key = digest(dataset_identity)
+        for bname, ref in config.backbone_configs.items():
+            settings = evaluation_settings(config, ref, precision)
+            needs = FeatureNeeds(1)
             for pname, (proto, options) in protocol_options.items():
                 reason = proto.supports(ds)
                 if reason:
-                    plan.skipped.append(f"{pname} on {dname}: {reason}")
+                    if bname == next(iter(config.backbone_configs)):
+                        plan.skipped.append(f"{pname} on {dname}: {reason}")
                     continue
+                _check_splits(dname, ds, pname)
+                needs = union(needs, proto.feature_needs(options, archs[bname]))
                 for unit in proto.units(options, list(config.seeds), ds):
-                    key = run_key(config.dataset_configs[dname].describe(), _backbone_identity(bc, config), pname,
-                                  unit.params, unit.seed)
-                    plan.units.append(PlannedUnit(key, dname, bname, proto, options, unit, proto.variant(unit.params)))
+                    key, config_key, resolved = unit_identity(proto, options, unit, dataset_identity,
+                                                              identities[bname], settings)
+                    variant = proto.variant(unit.params)
+                    record = RunRecord(key=key, experiment=config.name, dataset=dname, backbone=bname,
+                                       weights=ref.weights_label(), protocol=pname, variant=variant,
+                                       params=unit.params, seed=unit.seed, config_key=config_key,
+                                       options=resolved, backbone_key=digest(identities[bname]),
+                                       backbone_identity=identities[bname], dataset_key=dataset_key, env=env)
+                    plan.units.append(PlannedUnit(key, dname, bname, proto, options, unit, variant, record))
+            plan.needs[(dname, bname)] = needs
+    keys = [u.key for u in plan.units]
+    if len(set(keys)) != len(keys):  # two units that would compute the same thing: a protocol bug
+        raise ConfigError("two units of this experiment derive the same key; report this as a medprobe bug")
     return plan
 
 
-def _backbone_identity(bc: BackboneConfig, config: ExperimentConfig) -> dict[str, Any]:
-    ident = bc.describe()
-    ident["image_size"] = bc.image_size or config.image_size
-    return ident
-
-
 class _Features:
-    """Extracts a dataset × backbone store on first use, with the needs of all its frozen units."""
+    """Extracts a dataset × backbone store on first use, with the needs planned for all its units."""
 
-    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, bc: BackboneConfig, needs: FeatureNeeds,
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, ref: BackboneRef, needs: FeatureNeeds,
                  backbone_fn: Callable[[], Any], progress: bool) -> None:
-        self.config, self.dataset, self.bc, self.needs = config, dataset, bc, needs
+        self.config, self.dataset, self.ref, self.needs = config, dataset, ref, needs
         self.backbone_fn, self.progress = backbone_fn, progress
         self.store = None
 
     def __call__(self, needs: FeatureNeeds) -> Any:
         if needs.last_blocks > self.needs.last_blocks or not set(needs.patch_blocks) <= set(self.needs.patch_blocks):
-            self.needs = FeatureNeeds(max(needs.last_blocks, self.needs.last_blocks),
-                                      tuple(sorted(set(needs.patch_blocks) | set(self.needs.patch_blocks))))
+            self.needs = union(self.needs, needs)  # a unit asked for more than planned: extract once more
             self.store = None
         if self.store is None:
             result = extract_features(self.backbone_fn(), self.dataset, self.config.cache_path,
-                                      image_size=self.bc.image_size or self.config.image_size,
+                                      image_size=self.ref.image_size or self.config.image_size,
                                       last_blocks=self.needs.last_blocks, patch_blocks=self.needs.patch_blocks,
                                       precision=self.config.precision, batch_size=self.config.batch_size,
                                       progress=self.progress)
@@ -126,69 +208,112 @@ class _Features:
         return self.store
 
 
+def pending_units(plan: Plan) -> tuple[list[PlannedUnit], int]:
+    """Units not yet done in ``OUTPUT_DIR/results.db`` (read-only look; nothing is written)."""
+    db = plan.config.output_path / "results.db"
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):  # an empty file holds no results
+        return list(plan.units), 0
+    conn = connect_readonly(db)
+    try:
+        done = done_keys(conn)
+    finally:
+        conn.close()
+    pending = [u for u in plan.units if u.key not in done]
+    return pending, len(plan.units) - len(pending)
+
+
+def _prepare_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output_dir {out}: {e.strerror or e}; choose a writable folder") from None
+
+
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, log: Callable[[str], None] = print,
                    plan: Plan | None = None) -> RunSummary:
-    """Run every unit not yet ``done`` in ``OUTPUT_DIR/results.db``."""
+    """Run every unit not yet ``done`` in ``OUTPUT_DIR/results.db`` (nothing is written when none is left)."""
     t0 = time.perf_counter()
     plan = plan or plan_experiment(config)
-    out = config.output_path
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(
-        {k: v for k, v in vars(config).items() if not k.endswith("_configs")}, indent=1, default=str))
-    results = ResultsStore(out / "results.db")
     summary = RunSummary()
-    device = default_device()
-    precision = resolve_precision(config.precision, device)
-    done = results.done_keys()
-    try:
-        for dname, ds in plan.datasets.items():
-            for bname, bc in config.backbone_configs.items():
-                pending = [u for u in plan.units if u.dataset == dname and u.backbone == bname]
-                summary.skipped_done += sum(u.key in done for u in pending)
-                pending = [u for u in pending if u.key not in done]
-                if not pending:
-                    continue
-                cached: dict[str, Any] = {}
-
-                def backbone_fn(bc: BackboneConfig = bc) -> Any:
-                    return create_backbone(bc.name, bc.weights, tiny=bc.tiny, overrides=bc.overrides)
-
-                def frozen_backbone(bc: BackboneConfig = bc) -> Any:
-                    if "bb" not in cached:
-                        cached["bb"] = backbone_fn(bc)
-                    return cached["bb"]
-
-                needs = FeatureNeeds(1)
-                for u in pending:
-                    n = u.protocol.feature_needs(u.options)
-                    needs = FeatureNeeds(max(needs.last_blocks, n.last_blocks),
-                                         tuple(sorted(set(needs.patch_blocks) | set(n.patch_blocks))))
-                features = _Features(config, ds, bc, needs, frozen_backbone, progress)
-                memo: dict[str, Any] = {}
-                for u in pending:
-                    ctx = UnitContext(dataset_name=dname, dataset=ds, backbone_name=bname, backbone_config=bc,
-                                      image_size=bc.image_size or config.image_size, precision=precision,
-                                      batch_size=config.batch_size, bootstrap=config.bootstrap, device=device,
-                                      work_dir=out / "units" / u.key, features_fn=features, backbone_fn=backbone_fn,
-                                      memo=memo)
-                    _run_unit(results, config, u, ctx, summary, log)
-                cached.clear()
-    finally:
-        results.close()
+    pending, summary.skipped_done = pending_units(plan)
+    if not pending:
+        summary.wall_s = time.perf_counter() - t0
+        return summary
+    out = config.output_path
+    _prepare_output(out)
+    with OutputLock(out, f"medprobe run {config.name}"):
+        results = ResultsStore(out / "results.db")
+        try:
+            _write_experiment_json(out, config)
+            done = results.done_keys()  # again, under the lock
+            summary.skipped_done = sum(u.key in done for u in plan.units)
+            _run_pending(plan, [u for u in pending if u.key not in done], results, summary, progress, log)
+        finally:
+            results.close()
     summary.wall_s = time.perf_counter() - t0
     return summary
 
 
+def _write_experiment_json(out: Path, config: ExperimentConfig) -> None:
+    text = json.dumps({k: v for k, v in vars(config).items() if not k.endswith("_configs")}, indent=1, default=str)
+    path = out / "experiment.json"
+    try:
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(f"{path.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _run_pending(plan: Plan, pending: list[PlannedUnit], results: ResultsStore, summary: RunSummary,
+                 progress: bool, log: Callable[[str], None]) -> None:
+    config = plan.config
+    device = default_device()
+    for dname, ds in plan.datasets.items():
+        for bname, ref in config.backbone_configs.items():
+            todo = [u for u in pending if u.dataset == dname and u.backbone == bname]
+            if not todo:
+                continue
+            cached: dict[str, Any] = {}
+
+            def frozen_backbone(ref: BackboneRef = ref) -> Any:
+                if "bb" not in cached:
+                    cached["bb"] = ref.build()
+                return cached["bb"]
+
+            features = _Features(config, ds, ref, plan.needs[(dname, bname)], frozen_backbone, progress)
+            memo: dict[str, Any] = {}
+            for u in todo:
+                ctx = UnitContext(dataset_name=dname, dataset=ds, backbone_name=bname, backbone_config=ref,
+                                  image_size=ref.image_size or config.image_size, precision=plan.precision,
+                                  batch_size=config.batch_size, bootstrap=config.bootstrap, device=device,
+                                  work_dir=config.output_path / "units" / u.key, features_fn=features,
+                                  backbone_fn=ref.build, memo=memo)
+                _run_unit(results, config, u, ctx, summary, log, plan.warnings)
+            cached.clear()
+
+
+def predictions_path(output_dir: Path, key: str) -> Path:
+    return output_dir / "predictions" / f"{key}.npz"
+
+
 def _run_unit(results: ResultsStore, config: ExperimentConfig, u: PlannedUnit, ctx: UnitContext,
-              summary: RunSummary, log: Callable[[str], None]) -> None:
-    weights = parse_weights(ctx.backbone_config.weights).kind
-    results.start(u.key, experiment=config.name, dataset=u.dataset, backbone=u.backbone,
-                  weights=ctx.backbone_config.weights if weights != "random" else "random",
-                  protocol=u.protocol.name, variant=u.variant, params=u.unit.params, seed=u.unit.seed)
+              summary: RunSummary, log: Callable[[str], None], warnings: dict[str, list[str]]) -> None:
+    if not results.start(u.record):
+        summary.skipped_done += 1
+        return
     t = time.perf_counter()
     seed_everything(u.unit.seed)
     try:
         res = u.protocol.run(u.unit, u.options, ctx)
+        stored = None
+        if res.predictions is not None:
+            path = predictions_path(config.output_path, u.key)
+            sha = write_predictions(res.predictions, path)
+            stored = (str(path.relative_to(config.output_path)), sha)
     except Exception as e:  # a failed unit is recorded and the experiment goes on
         msg = str(e) if isinstance(e, MedprobeError) else "".join(traceback.format_exception(e))[-4000:]
         results.fail(u.key, msg, time.perf_counter() - t)
@@ -197,7 +322,9 @@ def _run_unit(results: ResultsStore, config: ExperimentConfig, u: PlannedUnit, c
         return
     wall = time.perf_counter() - t
     res.info.setdefault("wall_s", wall)
-    results.finish(u.key, res.metrics, res.split, res.info, wall)
+    if warnings.get(u.dataset):
+        res.info.setdefault("warnings", warnings[u.dataset])  # shown as notes by the report
+    results.finish(u.key, res.metrics, res.split, res.info, wall, predictions=stored)
     summary.done += 1
 
 
@@ -208,5 +335,9 @@ def dry_run_lines(plan: Plan) -> list[str]:
         counts[(u.dataset, u.backbone, u.protocol.name)] = counts.get((u.dataset, u.backbone, u.protocol.name), 0) + 1
     for (d, b, p), n in counts.items():
         lines.append(f"  {d} x {b} x {p}: {n} units")
+    for (d, b), needs in plan.needs.items():
+        grids = f", patch grids of blocks {list(needs.patch_blocks)}" if needs.patch_blocks else ""
+        lines.append(f"  features {d} x {b}: last {needs.last_blocks} block(s){grids}")
     lines += [f"  skipped: {s}" for s in plan.skipped]
+    lines += [f"  warning: {w}" for ws in plan.warnings.values() for w in ws]
     return lines

@@ -1,10 +1,18 @@
-"""Batched feature extraction into a :class:`FeatureStore` (computed once, then reused)."""
+"""Batched feature extraction into a :class:`FeatureStore` (computed once, then reused).
+
+Images are read, decoded and resized in DataLoader worker processes (default: one per CPU
+available), batches arrive in order (pinned, copied without blocking when on CUDA), and the
+tokens are appended to the store, whose progress is committed every ``commit_every`` items:
+a rerun after a kill continues from the last commit and ends with the same store.
+"""
 from __future__ import annotations
 
+import math
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +25,12 @@ from medprobe import __version__
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.data.preprocess import Preprocessor
-from medprobe.errors import ConfigError
-from medprobe.features.store import FeatureStore, StoreWriter, open_store, store_key
+from medprobe.errors import ConfigError, MedprobeError
+from medprobe.features.store import STORE_FORMAT, FeatureStore, StoreWriter, find_store, store_key
 from medprobe.runtime import autocast, default_device, resolve_precision
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = STORE_FORMAT
+COMMIT_EVERY = 2048
 
 
 @dataclass
@@ -30,6 +39,7 @@ class ExtractResult:
     reused: bool
     seconds: float
     items: int
+    resumed_from: int = 0  # items already committed by an interrupted earlier run
 
     @property
     def items_per_second(self) -> float:
@@ -44,30 +54,114 @@ def preprocessor_for(backbone: Backbone, dataset: ImageDataset, image_size: int 
     return Preprocessor(backbone.preprocess, size, getattr(dataset, "value_range", None))
 
 
-def iter_items(dataset: ImageDataset, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray, str]]:
-    """Yield (owner position, 2D image, source) for every image, or every slice of every volume."""
-    for pos, i in enumerate(indices):
-        image = dataset.load_image(int(i))
-        src = dataset.records[int(i)].image_path or dataset.records[int(i)].key
-        if dataset.ndim == 3:
-            for z in range(image.shape[0]):
-                yield pos, image[z], f"{src}[slice {z}]"
-        else:
-            yield pos, image, src
+def default_workers() -> int:
+    """DataLoader workers: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def _batches(dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor, batch_size: int
-             ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    owners, images, sources = [], [], []
-    for owner, image, src in iter_items(dataset, indices):
-        owners.append(owner)
-        images.append(image)
-        sources.append(src)
-        if len(images) == batch_size:
-            yield np.asarray(owners), pre(images, sources)
-            owners, images, sources = [], [], []
-    if images:
-        yield np.asarray(owners), pre(images, sources)
+# --------------------------------------------------------------------------- the input pipeline
+class _Items(torch.utils.data.Dataset):
+    """Positions in one split -> prepared inputs; runs in the workers.
+
+    2D: one (3, S, S) image per position. 3D: all slices of one volume, (D, 3, S, S).
+    A :class:`MedprobeError` is returned, not raised, so that the main process re-raises it
+    with its own message (the DataLoader would wrap it in a worker traceback).
+    """
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor) -> None:
+        self.dataset, self.indices, self.pre = dataset, np.asarray(indices, dtype=np.int64), pre
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> tuple[int, torch.Tensor | MedprobeError]:
+        i = int(self.indices[pos])
+        try:
+            image = self.dataset.load_image(i)
+            rec = self.dataset.records[i]
+            src = rec.image_path or rec.key
+            if self.dataset.ndim == 3:
+                return pos, torch.stack([self.pre.prepare(image[z], f"{src}[slice {z}]")
+                                         for z in range(image.shape[0])])
+            return pos, self.pre.prepare(image, src)
+        except MedprobeError as e:
+            return pos, e
+
+
+def _collate(items: list[tuple[int, Any]]) -> tuple[np.ndarray, torch.Tensor] | MedprobeError:
+    for _, x in items:
+        if isinstance(x, MedprobeError):
+            return x
+    return np.asarray([p for p, _ in items], dtype=np.int64), torch.stack([x for _, x in items])
+
+
+def _first(item: Any) -> Any:
+    return item
+
+
+def input_batches(dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor, batch_size: int, *,
+                  start: int = 0, workers: int | None = None, pin_memory: bool = False
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """2D images ``indices[start:]`` as (positions, (B, 3, S, S) inputs), in order.
+
+    Batches are aligned on ``start + k * batch_size``: a run resumed at a multiple of
+    ``batch_size`` sees the same batches as an uninterrupted one.
+    """
+    workers = default_workers() if workers is None else int(workers)
+    positions = list(range(start, len(indices)))
+    batches = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
+    loader = torch.utils.data.DataLoader(_Items(dataset, indices, pre), batch_sampler=batches, collate_fn=_collate,
+                                         num_workers=_useful(workers, len(batches)), pin_memory=pin_memory)
+    return _raise_errors(loader)
+
+
+def volume_batches(dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor, batch_size: int, *,
+                   first_volume: int = 0, skip_slices: int = 0, workers: int | None = None,
+                   pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Slices of the volumes ``indices[first_volume:]`` (less the first ``skip_slices``) in batches."""
+    workers = default_workers() if workers is None else int(workers)
+    items = _Items(dataset, indices, pre)
+    kwargs: dict[str, Any] = dict(num_workers=_useful(workers, len(items) - first_volume), pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(items, batch_size=None, sampler=range(first_volume, len(items)),
+                                         collate_fn=_first, **kwargs)
+    return _rebatch(loader, batch_size, skip_slices)
+
+
+def _useful(workers: int, tasks: int) -> int:
+    """Worker processes worth starting for ``tasks`` batches or volumes (none for a single one)."""
+    return min(workers, tasks) if tasks > 1 else 0
+
+
+def _raise_errors(loader: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    for batch in loader:
+        if isinstance(batch, MedprobeError):
+            raise batch
+        yield batch
+
+
+def _rebatch(loader: Any, batch_size: int, skip: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Volumes' slices -> batches of ``batch_size`` slices (spanning volumes), O(volume + batch) memory."""
+    owners: list[np.ndarray] = []
+    parts: list[torch.Tensor] = []
+    held = 0
+    for pos, slices in loader:
+        if isinstance(slices, MedprobeError):
+            raise slices
+        if skip:
+            slices, skip = slices[skip:], 0
+        while len(slices):
+            take = min(batch_size - held, len(slices))
+            owners.append(np.full(take, pos, dtype=np.int64))
+            parts.append(slices[:take])
+            slices, held = slices[take:], held + take
+            if held == batch_size:
+                yield np.concatenate(owners), torch.cat(parts)
+                owners, parts, held = [], [], 0
+    if held:
+        yield np.concatenate(owners), torch.cat(parts)
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -93,6 +187,7 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         yield item
 
 
+# --------------------------------------------------------------------------- identity
 def store_identity(backbone: Backbone, dataset: ImageDataset, pre: Preprocessor, blocks: Sequence[int],
                    patch_blocks: Sequence[int], precision: str) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "backbone": backbone.name, "weights": backbone.weights_tag,
@@ -101,52 +196,84 @@ def store_identity(backbone: Backbone, dataset: ImageDataset, pre: Preprocessor,
             "blocks": list(blocks), "patch_blocks": list(patch_blocks), "precision": precision}
 
 
+def _base_key(identity: dict[str, Any]) -> str:
+    """Digest of everything but the blocks kept: stores differing only there share a name prefix."""
+    return store_key({k: v for k, v in identity.items() if k not in ("blocks", "patch_blocks")})[:12]
+
+
+def store_name(backbone_name: str, identity: dict[str, Any]) -> str:
+    return f"{backbone_name}-{_base_key(identity)}-{store_key(identity)[:8]}"
+
+
+# --------------------------------------------------------------------------- extraction
 def extract_features(backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, *,
                      image_size: int | None = None, last_blocks: int = 4, patch_blocks: Sequence[int] = (),
                      precision: str = "auto", batch_size: int = 64, device: torch.device | None = None,
-                     progress: bool = True, force: bool = False) -> ExtractResult:
+                     progress: bool = True, force: bool = False, workers: int | None = None,
+                     commit_every: int = COMMIT_EVERY, log: Callable[[str], None] | None = None) -> ExtractResult:
     """Embed every split of ``dataset`` with ``backbone`` and store the tokens.
 
     Stores CLS and mean-patch tokens of the last ``last_blocks`` blocks (and the patch grids
-    of ``patch_blocks``, float16). An identical earlier call is reused unless ``force``.
-    3D datasets are embedded slice by slice, in batches that span volumes.
+    of ``patch_blocks``, float16). An earlier store with the same identity, or one keeping a
+    superset of these blocks and grids, is reused unless ``force``. An extraction killed
+    midway is continued from its last commit (every ``commit_every`` items, rounded up to
+    whole batches). 3D datasets are embedded slice by slice, in batches that span volumes.
+    ``workers``: DataLoader worker processes (default: the CPUs available; 0 = in-process).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if commit_every < 1:
+        raise ConfigError(f"commit_every must be >= 1, got {commit_every}")
     device = device or default_device()
     precision = resolve_precision(precision, device)
     pre = preprocessor_for(backbone, dataset, image_size)
     blocks = backbone.resolve_blocks(range(-min(last_blocks, backbone.num_blocks), 0))
-    patch_blocks = backbone.resolve_blocks(patch_blocks)
+    patch_blocks = sorted(set(backbone.resolve_blocks(patch_blocks)))
     identity = store_identity(backbone, dataset, pre, blocks, patch_blocks, precision)
-    final_dir = Path(cache_dir) / f"{backbone.name}-{store_key(identity)}"
+    cache_dir = Path(cache_dir)
+    name = store_name(backbone.name, identity)
     t0 = time.perf_counter()
     if not force:
-        existing = open_store(final_dir)
+        existing = find_store(cache_dir, name, identity, prefix=f"{backbone.name}-{_base_key(identity)}-")
         if existing is not None:
             return ExtractResult(existing, True, time.perf_counter() - t0, 0)
 
     splits = dataset.splits()
     meta = dict(identity, medprobe=__version__, volumetric=dataset.ndim == 3, task=dataset.task.kind,
                 class_names=list(dataset.task.class_names), splits={})
-    writer = StoreWriter(final_dir, meta)
+    say = log or (print if progress else (lambda msg: None))
+    writer = StoreWriter(cache_dir / name, meta, log=say)
+    resumed_from = sum(writer.committed(s)["items"] for s in splits) if writer.resumed else 0
+    if writer.resumed:
+        say(f"continuing the interrupted extraction of {name} from item {resumed_from} (last commit)")
     backbone = backbone.to(device).eval()
     wanted = sorted(set(blocks) | set(patch_blocks))
+    chunk = batch_size * math.ceil(commit_every / batch_size)
+    pin = device.type == "cuda"
     n_items = 0
+    bar = tqdm(total=None if dataset.ndim == 3 else len(dataset), unit="img", disable=not progress,
+               desc=f"extract {backbone.name}", dynamic_ncols=True, initial=0 if dataset.ndim == 3 else resumed_from)
     try:
-        bar = tqdm(total=None if dataset.ndim == 3 else len(dataset), unit="img", disable=not progress,
-                   desc=f"extract {backbone.name}", dynamic_ncols=True)
         for split in splits:
             idx = dataset.indices(split)
             recs = [dataset.records[i] for i in idx]
             meta["splits"][split] = {"n": len(idx), "keys": [r.key for r in recs],
                                      "patient_ids": [r.patient_id for r in recs],
                                      "metadata": [r.metadata for r in recs]}
-            if dataset.task.kind not in ("none", "segmentation"):
+            state = writer.committed(split)
+            if state["done"]:
+                continue
+            if dataset.task.kind not in ("none", "segmentation") and not writer.has(split, "labels"):
                 writer.put(split, "labels", dataset.labels(idx))
-            chunks: dict[str, list[np.ndarray]] = {}
-            start = 0
-            for owners, batch in prefetch(_batches(dataset, idx, pre, batch_size)):
+            done = state["items"]
+            if dataset.ndim == 3:
+                first_volume, skip = _volume_cursor(writer, split, done)
+                batches = volume_batches(dataset, idx, pre, batch_size, first_volume=first_volume, skip_slices=skip,
+                                         workers=workers, pin_memory=pin)
+            else:
+                batches = input_batches(dataset, idx, pre, batch_size, start=done, workers=workers, pin_memory=pin)
+            last_commit, check_space = done, True
+            for owners, batch in batches:
                 with torch.inference_mode(), autocast(precision, device):
                     out = backbone.forward_tokens(batch.to(device, non_blocking=True), blocks=wanted)
                 values = {"item_owner": owners}
@@ -156,21 +283,38 @@ def extract_features(backbone: Backbone, dataset: ImageDataset, cache_dir: str |
                         values[f"mean.{b.index}"] = b.mean_patch.float().cpu().numpy()
                     if b.index in patch_blocks:
                         values[f"patch.{b.index}"] = b.patch_grid.to(torch.float16).cpu().numpy()
-                for name, v in values.items():
-                    if dataset.ndim == 3:  # slice counts unknown up front: keep per split, then write
-                        chunks.setdefault(name, []).append(v)
-                    else:
-                        if not writer.has(split, name):
-                            writer.allocate(split, name, (len(idx), *v.shape[1:]), str(v.dtype))
-                        writer.write(split, name, start, v)
-                start += len(owners)
+                row_bytes = sum(v[:1].nbytes for v in values.values())
+                if check_space:  # 2D: the rest of the store is known; 3D: the next chunk
+                    later = splits[splits.index(split) + 1:]
+                    ahead = chunk if dataset.ndim == 3 else \
+                        len(idx) - done + sum(len(dataset.indices(s)) for s in later)
+                    writer.require_space(ahead * row_bytes)
+                    check_space = False
+                for key, v in values.items():
+                    writer.append(split, key, v)
+                done += len(owners)
                 n_items += len(owners)
                 bar.update(len(owners))
-            for name, parts in chunks.items():
-                writer.put(split, name, np.concatenate(parts))
+                if done - last_commit >= chunk:
+                    writer.commit(split, done)
+                    last_commit = done
+                    check_space = dataset.ndim == 3
+            writer.commit(split, done, done=True)
         bar.close()
-        store = writer.commit()
-    except BaseException:
-        writer.abort()
+        store = writer.finish()
+    except MedprobeError:
+        writer.abort()  # a bad input or a full disk: nothing half-written is kept
         raise
-    return ExtractResult(store, False, time.perf_counter() - t0, n_items)
+    except BaseException:
+        writer.release()  # interrupted (Ctrl-C, a crash): keep the committed chunks for a rerun
+        raise
+    return ExtractResult(store, False, time.perf_counter() - t0, n_items, resumed_from)
+
+
+def _volume_cursor(writer: StoreWriter, split: str, done: int) -> tuple[int, int]:
+    """(first volume to read, slices of it already stored) after ``done`` committed slices."""
+    if not done:
+        return 0, 0
+    owners = writer.read_committed(split, "item_owner")  # non-decreasing
+    last = int(owners[-1])
+    return last, len(owners) - int(np.searchsorted(owners, last, side="left"))

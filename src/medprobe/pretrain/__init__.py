@@ -18,13 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medprobe.pretrain.config import (AugmentConfig, BackboneConfig, CropsConfig, DataConfig, LossConfig,
+from medprobe.backbones.ref import BackboneRef
+from medprobe.pretrain.config import (AugmentConfig, CropsConfig, DataConfig, LossConfig,
                                       PretrainConfig, TrainConfig, load_pretrain_config, parse_pretrain_config)
 
 if TYPE_CHECKING:
     from medprobe.pretrain.trainer import StepCallback
 
-__all__ = ["AugmentConfig", "BackboneConfig", "CropsConfig", "DataConfig", "LossConfig", "PretrainConfig",
+__all__ = ["AugmentConfig", "BackboneRef", "CropsConfig", "DataConfig", "LossConfig", "PretrainConfig",
            "TrainConfig", "load_pretrain_config", "parse_pretrain_config", "pretrain", "pretrain_distributed",
            "read_losses"]
 

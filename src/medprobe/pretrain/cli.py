@@ -36,4 +36,4 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-register_cli = add_pretrain_parser  # picked up by medprobe.commands
+register_cli = add_pretrain_parser  # listed in medprobe.cli.COMMAND_MODULES

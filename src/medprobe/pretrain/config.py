@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medprobe.backbones.ref import BackboneRef
 from medprobe.experiment.config import read_yaml_mapping
 from medprobe.options import parse, require
 
@@ -34,16 +35,6 @@ def _pair(where: str, value: list[float], lo: float | None = None, hi: float | N
     if increasing:
         require(a <= b, f"{where}: expected [low, high] with low <= high, got {value}")
     return a, b
-
-
-@dataclass
-class BackboneConfig:
-    """The ViT to pretrain: a registered name, its initial weights (random, hub or a path)."""
-
-    name: str
-    weights: str = "random"
-    tiny: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,7 +233,7 @@ class LossConfig:
 class PretrainConfig:
     """A whole pretraining run (see ``docs`` in :mod:`medprobe.pretrain`)."""
 
-    backbone: BackboneConfig
+    backbone: BackboneRef
     data: DataConfig
     name: str = "pretrain"
     output_dir: str = "runs/pretrain"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("medprobe.protocols.frozen", "medprobe.protocols.adapt", "medprobe.protocols.segmentation")
+_MODULES = ("medprobe.protocols.frozen", "medprobe.protocols.adapt", "medprobe.protocols.volume",
+            "medprobe.protocols.segmentation",
+            "medprobe.protocols.report_generation")
 
 for _module in _MODULES:
     try:

@@ -18,6 +18,7 @@ import torch
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.errors import suggest, ConfigError
+from medprobe.identity import canonical
 from medprobe.options import parse
 from medprobe.metrics import MetricValue
 from medprobe.predictions import Predictions
@@ -31,15 +32,23 @@ class FeatureNeeds:
     patch_blocks: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class ArchInfo:
+    """What planning knows of a backbone's architecture without loading weights."""
+
+    num_blocks: int
+    patch_size: int | None
+    default_image_size: int
+
+
 @dataclass
 class Unit:
+    """One row of ``runs``: ``params`` are the values this unit takes of the options that expand
+    into several units (``Protocol.expands``) and any value derived from the dataset."""
+
     protocol: str
     params: dict[str, Any]
     seed: int
-
-    def label(self) -> str:
-        p = ", ".join(f"{k}={v}" for k, v in self.params.items() if not isinstance(v, (list, dict)))
-        return f"{self.protocol}({p}) seed {self.seed}"
 
 
 @dataclass
@@ -60,7 +69,7 @@ class UnitContext:
     dataset_name: str
     dataset: ImageDataset
     backbone_name: str
-    backbone_config: Any  # experiment.config.BackboneConfig
+    backbone_config: Any  # medprobe.backbones.ref.BackboneRef
     image_size: int | None
     precision: str
     batch_size: int
@@ -81,22 +90,33 @@ class UnitContext:
 
 
 class Protocol:
-    """Base class; subclasses set ``name``, ``Options`` and implement ``units`` and ``run``."""
+    """Base class; subclasses set ``name``, ``Options`` and implement ``units`` and ``run``.
+
+    A unit's identity is derived, never hand-picked: :meth:`unit_options` is the protocol's
+    complete resolved options (every field, nested, defaults filled in) with each option that
+    expands into several units (``expands``: option field -> unit param) narrowed to this
+    unit's value; the runner hashes it with the unit's params, seed, dataset content, weights
+    content, evaluation settings and ``version``. Bump ``version`` when a change to the
+    implementation changes the numbers.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type]
-    frozen: ClassVar[bool] = True
+    version: ClassVar[int] = 1
+    expands: ClassVar[dict[str, str]] = {}
 
     def parse_options(self, raw: Any, where: str) -> Any:
         return parse(self.Options, raw, where)
 
-    def feature_needs(self, options: Any) -> FeatureNeeds:
+    def feature_needs(self, options: Any, arch: ArchInfo | None = None) -> FeatureNeeds:
+        """The feature-store blocks every unit of these options may read (known before running)."""
         return FeatureNeeds()
 
     def variant(self, params: dict[str, Any]) -> str:
-        """Short label of a unit's setting for tables (seeds are averaged over it)."""
-        return self.name
+        """Short label of a unit's expanded values (tables derive fuller labels from the options)."""
+        shown = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and not isinstance(v, (list, dict)))
+        return f"{self.name} {shown}".strip() if shown else self.name
 
     def supports(self, dataset: ImageDataset) -> str | None:
         """None when the protocol applies to ``dataset``, else the reason it is skipped."""
@@ -104,6 +124,16 @@ class Protocol:
 
     def units(self, options: Any, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
         raise NotImplementedError
+
+    def unit_options(self, options: Any, unit: Unit) -> dict[str, Any]:
+        """``options`` in canonical form, with every ``expands`` field narrowed to ``unit``'s value."""
+        resolved = canonical(options)
+        for option, param in self.expands.items():
+            if option not in resolved:
+                raise TypeError(f"{type(self).__name__}.expands names {option!r}, not a field of {self.Options.__name__}")
+            value = unit.params.get(param)
+            resolved[option] = [] if value is None else [canonical(value)]
+        return resolved
 
     def run(self, unit: Unit, options: Any, ctx: UnitContext) -> UnitResult:
         raise NotImplementedError

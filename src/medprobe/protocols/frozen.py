@@ -11,11 +11,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from medprobe.data.base import ImageDataset
+from medprobe.data.base import ImageDataset, record_metadata
 from medprobe.errors import ConfigError
 from medprobe.options import require
 from medprobe.metrics import MetricValue, classification_metrics
-from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
+from medprobe.predictions import Predictions, classification_predictions
+from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
 from medprobe.protocols.fewshot import sample_fewshot
 from medprobe.protocols.knn import knn_predict
 from medprobe.protocols.linear import DEFAULT_LRS, linear_sweep
@@ -83,6 +84,22 @@ def _score(target: Target, split: str, scores: np.ndarray, ctx: UnitContext, see
     return classification_metrics(y, scores, target.task, target.class_names, bootstrap=ctx.bootstrap, seed=seed)
 
 
+def _predictions(store, target: Target, scores: dict[str, np.ndarray], dataset: ImageDataset | None = None
+                 ) -> Predictions:
+    """Per-sample predictions of the kept rows of each scored split (what the metrics were computed from),
+    with the samples' metadata columns when the dataset is given (for subgroup analyses)."""
+    parts, metadata = {}, {}
+    by_key = {r.key: r for r in dataset.records} if dataset is not None else {}
+    for split, sc in scores.items():
+        rows = np.flatnonzero(target.keep[split])
+        keys, pids = store.keys(split), store.patient_ids(split)
+        chosen = [keys[i] for i in rows]
+        parts[split] = (chosen, [pids[i] for i in rows], target.y[split][rows], sc)
+        if by_key and all(k in by_key for k in chosen):
+            metadata[split] = record_metadata([by_key[k] for k in chosen])
+    return classification_predictions(target.task, target.class_names, parts, metadata=metadata)
+
+
 # --------------------------------------------------------------------------- kNN / ML-kNN
 @dataclass
 class KNNOptions:
@@ -95,21 +112,46 @@ class KNNOptions:
         require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
 
 
-def _knn_scores(ctx: UnitContext, options: KNNOptions, target: Target, multilabel: bool) -> dict[int, np.ndarray]:
-    """Predictions for every k from one neighbour search, memoised across the k units."""
+def _knn_scores(ctx: UnitContext, options: KNNOptions, target: Target, multilabel: bool
+                ) -> dict[str, tuple[dict[int, np.ndarray], dict[int, int]]]:
+    """Predictions on test (and val) for every k from one neighbour search per split, memoised across the k
+    units: ``{split: ({k: scores}, {k: k actually used})}``."""
     memo_key = f"knn:{options.k}:{options.temperature}:{options.pooling}:{id(target)}:{multilabel}"
     if memo_key not in ctx.memo:
         store = ctx.features(FeatureNeeds(1))
-        tr, te = _split(store, "train"), _split(store, "test")
+        tr = _split(store, "train")
+        _split(store, "test")
         xtr = _pooled(ctx, store, tr, "cls", 1, options.pooling)[target.keep[tr]]
-        xte = _pooled(ctx, store, te, "cls", 1, options.pooling)[target.keep[te]]
         ytr = target.y[tr][target.keep[tr]]
-        if multilabel:
-            ctx.memo[memo_key] = mlknn_predict(xtr, ytr, xte, ks=options.k)
-        else:
-            ctx.memo[memo_key] = knn_predict(xtr, ytr, xte, num_classes=len(target.class_names), ks=options.k,
-                                             temperature=options.temperature)
+        out = {}
+        for split in ("val", "test"):
+            if split not in store.splits or not target.keep[split].any():
+                continue
+            xq = _pooled(ctx, store, split, "cls", 1, options.pooling)[target.keep[split]]
+            if multilabel:
+                pred = mlknn_predict(xtr, ytr, xq, ks=options.k)
+            else:
+                pred = knn_predict(xtr, ytr, xq, num_classes=len(target.class_names), ks=options.k,
+                                   temperature=options.temperature)
+            used = dict(pred.effective_k)
+            out[split] = (dict(pred), used)
+        ctx.memo[memo_key] = out
     return ctx.memo[memo_key]
+
+
+def _knn_result(store, target: Target, by_split: dict, k: int, ctx: UnitContext, seed: int,
+                info: dict[str, Any]) -> UnitResult:
+    if "test" not in by_split:
+        raise ConfigError("no test sample has a value of the probe's target; nothing to score")
+    scores = {split: preds[k] for split, (preds, _) in by_split.items()}
+    k_used = by_split["test"][1][k]
+    metrics = _score(target, "test", scores["test"], ctx, seed)
+    info = dict(info, k=k, k_used=k_used, train_samples=int(target.keep["train"].sum()))
+    if k_used < k:
+        note = f"k={k} asked, {k_used} used: the training set has {int(target.keep['train'].sum())} samples"
+        info["note"] = note
+        metrics.append(MetricValue("k_used", float(k_used), note=note))
+    return UnitResult(metrics, info, predictions=_predictions(store, target, scores, ctx.dataset))
 
 
 @register_protocol
@@ -117,6 +159,7 @@ class KNN(Protocol):
     name = "knn"
     summary = "weighted kNN on L2-normalised last-layer features (ML-kNN for multi-label), several k from one search"
     Options = KNNOptions
+    expands = {"k": "k"}
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
@@ -127,14 +170,13 @@ class KNN(Protocol):
     def units(self, options: KNNOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
         # deterministic: one unit per k, recorded with the first seed
         method = "mlknn" if dataset.task.kind == "multilabel" else "knn"
-        return [Unit(self.name, {"k": k, "temperature": options.temperature, "pooling": options.pooling,
-                                 "method": method}, seeds[0]) for k in options.k]
+        return [Unit(self.name, {"k": k, "method": method}, seeds[0]) for k in dict.fromkeys(options.k)]
 
     def run(self, unit: Unit, options: KNNOptions, ctx: UnitContext) -> UnitResult:
         store = ctx.features(FeatureNeeds(1))
         target = ctx.memo.setdefault("target:dataset", dataset_target(store))
-        scores = _knn_scores(ctx, options, target, target.task == "multilabel")[unit.params["k"]]
-        return UnitResult(_score(target, "test", scores, ctx, unit.seed), {"method": unit.params["method"]})
+        by_split = _knn_scores(ctx, options, target, target.task == "multilabel")
+        return _knn_result(store, target, by_split, unit.params["k"], ctx, unit.seed, {"method": unit.params["method"]})
 
 
 # --------------------------------------------------------------------------- linear sweep
@@ -188,7 +230,11 @@ def run_linear(ctx: UnitContext, options: LinearOptions, target: Target, seed: i
     info = {"best_input": result.best_variant, "best_lr": result.best_lr, "best_val": result.best_val,
             "selected_on": getattr(result, "selected_on", "val" if has_val else "train"),
             "heads": len(result.val_table), "train_samples": int(len(keep_tr))}
-    return UnitResult(_score(target, te, result.test_scores, ctx, seed), info)
+    scores = {te: result.test_scores}
+    if has_val:
+        scores["val"] = result.val_scores
+    return UnitResult(_score(target, te, result.test_scores, ctx, seed), info,
+                      predictions=_predictions(store, target, scores, ctx.dataset))
 
 
 @register_protocol
@@ -197,17 +243,14 @@ class Linear(Protocol):
     summary = "linear-probe sweep: CLS or CLS+mean-patch from the last 1/4 blocks x 13 learning rates in one pass"
     Options = LinearOptions
 
-    def feature_needs(self, options: LinearOptions) -> FeatureNeeds:
+    def feature_needs(self, options: LinearOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
         return FeatureNeeds(max(options.blocks))
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
 
     def units(self, options: LinearOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
-        params = {"inputs": list(options.inputs), "blocks": list(options.blocks), "epochs": options.epochs,
-                  "lrs": list(options.lrs), "class_weighting": options.class_weighting,
-                  "select_metric": options.select_metric}
-        return [Unit(self.name, params, s) for s in seeds]
+        return [Unit(self.name, {}, s) for s in seeds]
 
     def run(self, unit: Unit, options: LinearOptions, ctx: UnitContext) -> UnitResult:
         target = ctx.memo.setdefault("target:dataset", dataset_target(ctx.features(self.feature_needs(options))))
@@ -222,14 +265,17 @@ class FewShotOptions:
     probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear", "knn"])
     k: int = 20
     temperature: float = 0.07
-    linear: dict[str, Any] = field(default_factory=lambda: {"inputs": ["cls"], "blocks": [1]})
+    linear: LinearOptions = field(default_factory=lambda: LinearOptions(inputs=["cls"], blocks=[1]))
 
     def __post_init__(self) -> None:
         require(all(s >= 1 for s in self.shots), f"shots: every value must be >= 1, got {self.shots}")
         require(self.repeats >= 1, f"repeats: must be >= 1, got {self.repeats}")
         require(self.k >= 1, f"k: must be >= 1, got {self.k}")
-        from medprobe.options import parse
-        self.linear_options = parse(LinearOptions, self.linear, "protocols.fewshot.linear")
+        require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+
+    @property
+    def linear_options(self) -> LinearOptions:
+        return self.linear
 
 
 @register_protocol
@@ -237,8 +283,9 @@ class FewShot(Protocol):
     name = "fewshot"
     summary = "n patients per class from train (R draws), linear probe and kNN on each draw"
     Options = FewShotOptions
+    expands = {"shots": "shots", "probes": "probe"}
 
-    def feature_needs(self, options: FewShotOptions) -> FeatureNeeds:
+    def feature_needs(self, options: FewShotOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
         return FeatureNeeds(max(options.linear_options.blocks))
 
     def supports(self, dataset: ImageDataset) -> str | None:
@@ -249,9 +296,8 @@ class FewShot(Protocol):
 
     def units(self, options: FewShotOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
         # the R draws are the seeds of few-shot; seed r draws a different training subset
-        return [Unit(self.name, {"shots": n, "probe": p, "k": options.k if p == "knn" else None,
-                                 "linear": options.linear if p == "linear" else None}, r)
-                for n in options.shots for p in options.probes for r in range(options.repeats)]
+        return [Unit(self.name, {"shots": n, "probe": p}, r)
+                for n in dict.fromkeys(options.shots) for p in dict.fromkeys(options.probes) for r in range(options.repeats)]
 
     def run(self, unit: Unit, options: FewShotOptions, ctx: UnitContext) -> UnitResult:
         store = ctx.features(self.feature_needs(options))
@@ -273,7 +319,9 @@ class FewShot(Protocol):
         else:
             scores = knn_predict(xtr, target.y[tr][chosen], xte, num_classes=len(target.class_names), ks=[options.k],
                                  temperature=options.temperature)[options.k]
-        return UnitResult(_score(target, te, scores, ctx, unit.seed), info)
+        info["k_used"] = min(options.k, len(chosen))
+        return UnitResult(_score(target, te, scores, ctx, unit.seed), info,
+                          predictions=_predictions(store, target, {te: scores}, ctx.dataset))
 
 
 # --------------------------------------------------------------------------- metadata probing
@@ -282,12 +330,17 @@ class MetadataOptions:
     columns: list[str]
     probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear"])
     k: int = 20
-    linear: dict[str, Any] = field(default_factory=lambda: {"inputs": ["cls"], "blocks": [1]})
+    temperature: float = 0.07
+    linear: LinearOptions = field(default_factory=lambda: LinearOptions(inputs=["cls"], blocks=[1]))
 
     def __post_init__(self) -> None:
         require(len(self.columns) > 0, "columns: name at least one metadata column (e.g. sex, age_bin, view)")
-        from medprobe.options import parse
-        self.linear_options = parse(LinearOptions, self.linear, "protocols.metadata.linear")
+        require(self.k >= 1, f"k: must be >= 1, got {self.k}")
+        require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+
+    @property
+    def linear_options(self) -> LinearOptions:
+        return self.linear
 
 
 @register_protocol
@@ -295,16 +348,17 @@ class MetadataProbe(Protocol):
     name = "metadata"
     summary = "probe a metadata column (sex, age bin, view...) with the same linear/kNN probes (RAD-DINO)"
     Options = MetadataOptions
+    expands = {"columns": "column", "probes": "probe"}
 
-    def feature_needs(self, options: MetadataOptions) -> FeatureNeeds:
+    def feature_needs(self, options: MetadataOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
         return FeatureNeeds(max(options.linear_options.blocks))
 
     def variant(self, params: dict[str, Any]) -> str:
         return f"metadata {params['column']} ({params['probe']})"
 
     def units(self, options: MetadataOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
-        return [Unit(self.name, {"column": c, "probe": p}, s) for c in options.columns for p in options.probes
-                for s in (seeds if p == "linear" else seeds[:1])]
+        return [Unit(self.name, {"column": c, "probe": p}, s) for c in dict.fromkeys(options.columns)
+                for p in dict.fromkeys(options.probes) for s in (seeds if p == "linear" else seeds[:1])]
 
     def run(self, unit: Unit, options: MetadataOptions, ctx: UnitContext) -> UnitResult:
         store = ctx.features(self.feature_needs(options))
@@ -312,6 +366,6 @@ class MetadataProbe(Protocol):
         target = ctx.memo.setdefault(f"target:{column}", metadata_target(store, column))
         if unit.params["probe"] == "linear":
             return run_linear(ctx, options.linear_options, target, unit.seed)
-        knn_opts = KNNOptions(k=[options.k])
-        scores = _knn_scores(ctx, knn_opts, target, multilabel=False)[options.k]
-        return UnitResult(_score(target, "test", scores, ctx, unit.seed), {"classes": list(target.class_names)})
+        knn_opts = KNNOptions(k=[options.k], temperature=options.temperature)
+        by_split = _knn_scores(ctx, knn_opts, target, multilabel=False)
+        return _knn_result(store, target, by_split, options.k, ctx, unit.seed, {"classes": list(target.class_names)})

@@ -1,422 +1,589 @@
 """``medprobe report OUTPUT_DIR --html``: one self-contained ``report.html``.
 
-Everything is inside the file: pictures are PNG data URIs, CSS and the table-sorting script
-are inline, nothing is fetched from the network. Sections: overview, headline results with
-confidence intervals per dataset, few-shot curves, segmentation decoder comparison, the
-cross-task ranking scatter, every picture under ``OUTPUT_DIR/analysis/``, failed runs and
-all metrics. Every table sorts by clicking a column header.
+The page is built in two steps. This module turns the report model of an output folder
+(:func:`medprobe.results.report.build_report`: summary over seeds, headline metrics, notes,
+failed units, environments) into plain data: :class:`Section` objects holding paragraphs,
+:class:`Table` (columns, rows of :class:`Cell` with text, sort key and numeric flag, best-row
+flags, caption) and :class:`Figure` (PNG data URI, caption, alt text). The jinja2 templates
+under ``templates/`` render all markup with autoescaping, so every string from a results
+database (dataset and backbone names, weights paths, error messages) is escaped; no HTML is
+built here. The CSS and the table-sorting script are package data under ``static/``, inlined
+into the page with the pictures, so nothing is fetched when the page is opened.
+
+Sections: overview, headline results with confidence intervals per dataset, few-shot curves,
+segmentation decoders, the cross-task ranking, every picture under ``OUTPUT_DIR/analysis/``,
+notes, failed units, run environments and all metrics. A new section is one more
+:class:`Section` in :func:`build_sections`.
 """
 from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from html import escape
+from functools import cache
+from importlib import resources
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 
-from medprobe.results.tables import headline_metric, load_results, summarize
+from medprobe.errors import ConfigError, MedprobeError
+from medprobe.results.report import Report, build_report
+from medprobe.results.store import connect_readonly
 
 _FEWSHOT = re.compile(r"fewshot (?P<probe>\w+) (?P<shots>\d+)-shot")
 _SEGMENTATION = ("dice_jaccard_mean", "dice")
-
-CSS = """
-:root { --fg:#1d2330; --muted:#5b6475; --line:#d9dee7; --head:#eef1f6; --accent:#2f5fb3; --best:#e7f3e8; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: var(--fg);
-       margin: 0 auto; padding: 24px 32px 64px; max-width: 1400px; }
-h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 36px 0 8px; border-bottom: 2px solid var(--line);
-     padding-bottom: 4px; } h3 { font-size: 15px; margin: 22px 0 6px; }
-p.note, .muted { color: var(--muted); font-size: 13px; }
-nav a { margin-right: 14px; color: var(--accent); text-decoration: none; font-size: 13px; }
-.table-wrap { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; margin: 6px 0 14px; font-size: 13px; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid var(--line); padding: 4px 9px; text-align: left; white-space: nowrap; }
-td.num { text-align: right; }
-th { background: var(--head); position: sticky; top: 0; }
-table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th::after { content: " \\2195"; color: #9aa3b2; font-size: 11px; }
-table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; color: var(--accent); }
-table.sortable th[aria-sort=descending]::after { content: " \\25BC"; color: var(--accent); }
-tbody tr:nth-child(even) { background: #f8f9fb; }
-tr.best td { background: var(--best); font-weight: 600; }
-.figs { display: flex; flex-wrap: wrap; gap: 16px; }
-figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fff; max-width: 100%; }
-figure img { display: block; max-width: 100%; height: auto; }
-figure.wide img { max-width: min(100%, 1300px); }
-figcaption { font-size: 12px; color: var(--muted); max-width: 640px; margin-top: 4px; }
-code { background: #f1f3f7; padding: 0 3px; border-radius: 3px; }
-.error { color: #9b1c1c; white-space: pre-wrap; }
-"""
-
-JS = r"""
-(function () {
-  var errors = [];
-  window.addEventListener('error', function (e) {
-    errors.push(String(e.message || e));
-    document.body.setAttribute('data-errors', errors.join(' | '));
-  });
-  function key(cell) {
-    if (!cell) return {e: true};
-    var raw = cell.getAttribute('data-sort');
-    var t = (raw !== null ? raw : cell.textContent).trim();
-    if (t === '' || t === 'nan' || t === 'n/a') return {e: true};
-    var x = Number(t);
-    return isFinite(x) ? {n: x} : {s: t.toLowerCase()};
-  }
-  function compare(a, b, sign) {
-    if (a.e && b.e) return 0;
-    if (a.e) return 1;
-    if (b.e) return -1;
-    if (a.n !== undefined && b.n !== undefined) return sign * (a.n - b.n);
-    if (a.n !== undefined) return -sign;
-    if (b.n !== undefined) return sign;
-    return sign * a.s.localeCompare(b.s);
-  }
-  function sortBy(th) {
-    var table = th.closest('table');
-    var body = table.tBodies[0];
-    var idx = Array.prototype.indexOf.call(th.parentNode.children, th);
-    var dir = th.getAttribute('aria-sort') === 'ascending' ? 'descending' : 'ascending';
-    table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
-    th.setAttribute('aria-sort', dir);
-    var sign = dir === 'ascending' ? 1 : -1;
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) { return compare(key(a.cells[idx]), key(b.cells[idx]), sign); });
-    rows.forEach(function (r) { body.appendChild(r); });
-  }
-  window.medprobeSort = sortBy;
-  document.querySelectorAll('table.sortable thead th').forEach(function (th) {
-    th.tabIndex = 0;
-    th.addEventListener('click', function () { sortBy(th); });
-    th.addEventListener('keydown', function (e) { if (e.key === 'Enter') sortBy(th); });
-  });
-  function columnValues(table, idx) {
-    return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return key(r.cells[idx]); })
-      .filter(function (k) { return k.n !== undefined; }).map(function (k) { return k.n; });
-  }
-  function sorted(values, sign) {
-    for (var i = 1; i < values.length; i++) if (sign * (values[i] - values[i - 1]) < 0) return false;
-    return true;
-  }
-  function selftest() {
-    var tables = document.querySelectorAll('table.sortable');
-    for (var t = 0; t < tables.length; t++) {
-      var ths = tables[t].querySelectorAll('thead th');
-      for (var i = 0; i < ths.length; i++) {
-        if (ths[i].getAttribute('data-type') !== 'number' || tables[t].tBodies[0].rows.length < 3) continue;
-        ths[i].click();
-        var up = sorted(columnValues(tables[t], i), 1);
-        ths[i].click();
-        var down = sorted(columnValues(tables[t], i), -1);
-        return up && down ? 'pass' : 'fail: ' + (up ? 'descending' : 'ascending') + ' order wrong in table ' + t;
-      }
-    }
-    return 'fail: no sortable numeric column with 3 rows';
-  }
-  window.addEventListener('load', function () {
-    var imgs = Array.prototype.slice.call(document.images);
-    var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-    var b = document.body;
-    b.setAttribute('data-images', String(imgs.length));
-    b.setAttribute('data-images-broken', String(broken));
-    var overflow = imgs.filter(function (i) {  // a picture wider than its card would be cut off
-      var box = (i.closest('figure') || b).getBoundingClientRect();
-      return i.getBoundingClientRect().right > box.right + 1;
-    }).length;
-    b.setAttribute('data-images-overflow', String(overflow));
-    b.setAttribute('data-tables', String(document.querySelectorAll('table').length));
-    if (location.hash === '#selftest') b.setAttribute('data-selftest', selftest());
-    b.setAttribute('data-render', broken ? 'broken-images' : 'ok');
-  });
-})();
-"""
+NA = "n/a"
 
 
-# --------------------------------------------------------------------------- small HTML helpers
-def _num(v: object, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return ""
+# --------------------------------------------------------------------------- the page model
+@dataclass(frozen=True)
+class Code:
+    """An inline code span in a paragraph."""
+
+    code: str
+
+
+# A paragraph: plain text, a code span, or a sequence of those.
+Paragraph = Union[str, Code, Sequence[Union[str, Code]]]
+
+
+@dataclass
+class Cell:
+    """One table cell: its ``text``; ``sort`` overrides the text when sorting (``""`` sorts last)."""
+
+    text: str
+    sort: str | None = None
+    numeric: bool = False
+    na: bool = False
+    title: str | None = None  # tooltip, e.g. why a value is undefined
+    detail: str | None = None  # long text shown folded under the cell text (a traceback)
+    css: str | None = None
+
+
+@dataclass
+class Column:
+    name: str
+    numeric: bool = False
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: list[list[Cell]]
+    best: list[bool] = field(default_factory=list)
+    caption: str = ""
+    sortable: bool = True
+    header: bool = True  # a header row with the column names
+    row_header: bool = False  # the first cell of each row is its header
+    collapsed: str | None = None  # shown folded under this summary text
+
+
+@dataclass
+class Figure:
+    data_uri: str
+    caption: str
+    alt: str
+    wide: bool = False
+    title: str | None = None
+    path: str | None = None
+
+
+@dataclass
+class Section:
+    """A titled part of the page: intro paragraphs, tables, figures, a list of notes, then subsections."""
+
+    id: str
+    title: str
+    intro: list[Paragraph] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[Paragraph] = field(default_factory=list)
+    subsections: list[Section] = field(default_factory=list)
+    nav: str | None = None  # short name in the navigation bar
+
+
+# --------------------------------------------------------------------------- cells and tables
+def is_na(v: object) -> bool:
+    """None, NaN or pandas' missing value."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    try:
+        return isinstance(v, (float, np.floating)) and math.isnan(v)
+    except TypeError:
+        return False
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def fmt_number(v: object, digits: int = 3) -> str:
+    """``0.912`` for a float, ``3`` for an integer, ``n/a`` for an undefined value."""
+    if is_na(v):
+        return NA
     if isinstance(v, (int, np.integer)):
         return str(int(v))
-    try:
-        return f"{float(v):.{digits}f}"
-    except (TypeError, ValueError):
-        return escape(str(v))
+    return f"{float(v):.{digits}f}"
 
 
-def _sort_key(v: object) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return ""
-    return repr(float(v)) if isinstance(v, (int, float, np.integer, np.floating)) else escape(str(v), quote=True)
+def sort_key(v: object) -> str:
+    """The ``data-sort`` value of ``v``: the number itself, ``""`` (last) when undefined."""
+    return "" if is_na(v) else repr(float(v))
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, numeric: Sequence[bool] | None = None,
-          sort_keys: Iterable[Sequence[object]] | None = None, best: Sequence[bool] | None = None,
-          caption: str = "") -> str:
-    """A sortable HTML table; ``sort_keys`` (per cell) override the text used for sorting."""
-    rows = [list(r) for r in rows]
-    numeric = list(numeric) if numeric is not None else [False] * len(columns)
-    keys = [list(k) for k in sort_keys] if sort_keys is not None else [[None] * len(columns) for _ in rows]
-    best = list(best) if best is not None else [False] * len(rows)
-    num_attr = ' data-type="number"'
-    head = "".join(f'<th scope="col"{num_attr if n else ""}>{escape(c)}</th>' for c, n in zip(columns, numeric))
+def cell(v: object, *, numeric: bool | None = None, sort: object = None, title: str | None = None) -> Cell:
+    """A cell from a value: numbers formatted (sorted by value), undefined values as ``n/a``."""
+    if isinstance(v, Cell):
+        return v
+    number = _is_number(v)
+    if is_na(v):
+        return Cell(NA, sort="", numeric=bool(numeric), na=True, title=title)
+    text = fmt_number(v) if number else str(v)
+    if sort is None:
+        key = sort_key(v) if number else None
+    else:
+        key = sort_key(sort) if is_na(sort) or _is_number(sort) else str(sort)
+    return Cell(text, sort=key, numeric=number if numeric is None else numeric, title=title)
+
+
+def table(columns: Sequence[str | Column], rows: Iterable[Sequence[object]], *, best: Sequence[bool] | None = None,
+          caption: str = "", sortable: bool = True, header: bool = True, row_header: bool = False,
+          collapsed: str | None = None) -> Table:
+    """A :class:`Table` from plain values (see :func:`cell`); a column is numeric when named as ``Column(.., True)``."""
+    cols = [c if isinstance(c, Column) else Column(str(c)) for c in columns]
     body = []
-    for r, k, b in zip(rows, keys, best):
-        cells = []
-        for j, v in enumerate(r):
-            is_number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            key = k[j] if k[j] is not None else (v if is_number else None)
-            sk = f' data-sort="{_sort_key(key)}"' if key is not None else ""
-            cls = ' class="num"' if numeric[j] else ""
-            text = _num(v) if is_number else escape(str(v))
-            cells.append(f"<td{cls}{sk}>{text}</td>")
-        row_cls = ' class="best"' if b else ""
-        body.append(f"<tr{row_cls}>{''.join(cells)}</tr>")
-    cap = f"<caption class='muted'>{escape(caption)}</caption>" if caption else ""
-    return (f'<div class="table-wrap"><table class="sortable">{cap}<thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+    for r in rows:
+        r = list(r)
+        if len(r) != len(cols):
+            raise ValueError(f"row of {len(r)} cells for {len(cols)} columns: {r}")
+        body.append([cell(v, numeric=c.numeric) for v, c in zip(r, cols)])
+    return Table(cols, body, best=list(best) if best is not None else [], caption=caption, sortable=sortable,
+                 header=header, row_header=row_header, collapsed=collapsed)
+
+
+def num(name: str) -> Column:
+    return Column(name, numeric=True)
+
+
+def ci_text(lo: object, hi: object) -> str:
+    return "" if is_na(lo) or is_na(hi) else f"[{float(lo):.3f}, {float(hi):.3f}]"
+
+
+def mean_cell(r: Any, with_ci: bool = False) -> Cell:
+    """``mean ± sd`` (and ``[CI]``) of a summary row, sorted by the mean; ``n/a`` with the reason when undefined."""
+    note = _note(r)
+    if is_na(r.mean):
+        return Cell(NA, sort="", numeric=True, na=True, title=note)
+    text = f"{float(r.mean):.3f}"
+    if not is_na(r.sd) and int(r.n) > 1:
+        text += f" ± {float(r.sd):.3f}"
+    if with_ci and ci_text(r.ci_low, r.ci_high):
+        text += " " + ci_text(r.ci_low, r.ci_high)
+    return Cell(text, sort=sort_key(r.mean), numeric=True, title=note)
+
+
+def sd_cell(r: Any) -> Cell:
+    """The sd over seeds of a summary row; ``n/a`` when fewer than two seeds have a value."""
+    if is_na(r.mean) or is_na(r.sd) or int(r.n) < 2:
+        return Cell(NA, sort="", numeric=True, na=True, title=None if is_na(r.mean) else "fewer than two seeds")
+    return Cell(fmt_number(r.sd), sort=sort_key(r.sd), numeric=True)
+
+
+def _note(r: Any) -> str | None:
+    note = getattr(r, "note", None)
+    return None if is_na(note) or not note else str(note)
 
 
 def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def figure(path: Path, caption: str, alt: str, wide: bool = False) -> str:
-    cls = ' class="wide"' if wide else ""
-    return (f'<figure{cls}><img src="{png_data_uri(path)}" alt="{escape(alt, quote=True)}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+def figure(path: Path, caption: str = "", alt: str = "", *, wide: bool = False, title: str | None = None,
+           shown_path: str | None = None) -> Figure:
+    return Figure(png_data_uri(path), caption, alt or caption or Path(path).stem, wide=wide, title=title,
+                  path=shown_path)
 
 
-def _ci(lo: object, hi: object) -> str:
-    if lo is None or hi is None or (isinstance(lo, float) and lo != lo) or (isinstance(hi, float) and hi != hi):
-        return ""
-    return f"[{float(lo):.3f}, {float(hi):.3f}]"
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "x"
 
 
-def _label(backbone: str, weights: str) -> str:
-    return f"{backbone} ({weights})"
+# --------------------------------------------------------------------------- backbone labels
+def backbone_labels(summary: pd.DataFrame) -> dict[Any, str]:
+    """``{backbone identity: "name (weights)"}``; backbones sharing name and weights but differing in
+    identity (overrides, weights content) get the start of their key appended."""
+    labels: dict[Any, str] = {}
+    for k, b, w in zip(_bkeys(summary), summary["backbone"], summary["weights"]):
+        labels.setdefault(k, f"{b} ({w})")
+    counts: dict[str, int] = {}
+    for text in labels.values():
+        counts[text] = counts.get(text, 0) + 1
+    return {k: (f"{t} [{str(k).split(':')[-1][:6]}]" if counts[t] > 1 else t) for k, t in labels.items()}
+
+
+def _bkeys(df: pd.DataFrame) -> list[Any]:
+    if "backbone_key" in df and not df.empty and df["backbone_key"].notna().all():
+        return list(df["backbone_key"])
+    return [f"{b}:{w}" for b, w in zip(df["backbone"], df["weights"])]
 
 
 # --------------------------------------------------------------------------- sections
-def _overview(out: Path, df: pd.DataFrame, summary: pd.DataFrame) -> str:
-    counts = {}
-    with sqlite3.connect(out / "results.db") as conn:
-        for status, n in conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"):
-            counts[status] = n
-    experiments = ", ".join(sorted(df["experiment"].unique())) if not df.empty else "—"
-    items = [("experiment(s)", experiments), ("datasets", ", ".join(summary["dataset"].unique()) or "—"),
-             ("backbones", ", ".join(sorted({_label(b, w) for b, w in zip(summary["backbone"], summary["weights"])}))
-              or "—"),
-             ("runs", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")]
-    rows = "".join(f"<tr><th scope='row'>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in items)
-    return f"<table class='overview'><tbody>{rows}</tbody></table>"
+def _run_counts(out: Path) -> tuple[dict[str, int], int]:
+    """Runs per status, and the finished runs whose environment was not recorded."""
+    conn = connect_readonly(out / "results.db")
+    try:
+        counts = dict(conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+        have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        where = "env_json IS NULL" if "env_json" in have else "1"
+        unrecorded = conn.execute(f"SELECT COUNT(*) FROM runs WHERE status = 'done' AND {where}").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return {}, 0
+    finally:
+        conn.close()
+    return {str(k): int(v) for k, v in counts.items()}, int(unrecorded)
 
 
-def _headline(summary: pd.DataFrame, headline: dict[str, str | None]) -> str:
-    parts = []
-    for dataset in summary["dataset"].unique():
-        metric = headline.get(dataset)
-        sub = summary[(summary["dataset"] == dataset) & (summary["metric"] == metric) &
-                      (summary["protocol"] != "fewshot")]
+def _overview(report: Report, df_experiments: list[str], counts: dict[str, int]) -> Section:
+    s = report.summary
+    labels = backbone_labels(s) if not s.empty else {}
+    items = [("experiment(s)", ", ".join(df_experiments) or "—"),
+             ("datasets", ", ".join(str(d) for d in s["dataset"].unique()) or "—"),
+             ("backbones", ", ".join(sorted(labels.values())) or "—"),
+             ("runs", ", ".join(f"{n} {st}" for st, n in sorted(counts.items())) or "none")]
+    overview = table(["item", "value"], items, sortable=False, header=False, row_header=True)
+    return Section("overview", "Overview", tables=[overview])
+
+
+_RESULTS_INTRO = ("Headline metric per dataset: mean over seeds ± sd and the mean bootstrap 95% confidence interval "
+                  "on the test split. The best mean of each dataset is highlighted; few-shot results have their own "
+                  "section. An undefined value shows as n/a (hover it for the reason). Click a column header to sort.")
+
+
+def _headline(report: Report) -> Section:
+    s, subs = report.summary, []
+    for dataset in s["dataset"].unique():
+        metric = report.headline.get(dataset)
+        sub = s[(s["dataset"] == dataset) & (s["metric"] == metric) & (s["protocol"] != "fewshot")]
         if sub.empty:
             continue
-        best_value = sub["mean"].max()
-        rows, keys, best = [], [], []
+        best_value = sub["mean"].max()  # NaN-skipping; NaN when every value is undefined
+        rows, best = [], []
         for r in sub.itertuples():
-            rows.append([r.backbone, r.weights, r.protocol, r.variant, int(r.n), r.mean, r.sd, _ci(r.ci_low, r.ci_high)])
-            keys.append([None, None, None, None, None, None, None, r.ci_low])
-            best.append(bool(r.mean == best_value))
-        parts.append(f"<h3 id='ds-{escape(_slug(dataset))}'>{escape(dataset)} — {escape(str(metric))}</h3>")
-        parts.append(table(["backbone", "weights", "protocol", "variant", "seeds", f"{metric} mean", "sd", "95% CI"],
-                           rows, numeric=[False, False, False, False, True, True, True, False], sort_keys=keys,
-                           best=best))
-    return "".join(parts) or "<p class='note'>No headline results.</p>"
+            rows.append([r.backbone, r.weights, r.protocol, r.variant, int(r.n),
+                         Cell(NA, sort="", numeric=True, na=True, title=_note(r)) if is_na(r.mean)
+                         else Cell(fmt_number(r.mean), sort=sort_key(r.mean), numeric=True, title=_note(r)),
+                         sd_cell(r),
+                         Cell(ci_text(r.ci_low, r.ci_high), sort=sort_key(r.ci_low))])
+            best.append(bool(not is_na(best_value) and r.mean == best_value))
+        subs.append(Section(f"ds-{slug(dataset)}", f"{dataset} — {metric}", tables=[table(
+            ["backbone", "weights", "protocol", "variant", num("seeds"), num(f"{metric} mean"), num("sd"), "95% CI"],
+            rows, best=best)]))
+    return Section("results", "Results", intro=[_RESULTS_INTRO] + ([] if subs else ["No headline results."]),
+                   subsections=subs)
 
 
-def _fewshot(summary: pd.DataFrame, headline: dict[str, str | None], figs: list[Path]) -> str:
-    fs = summary[summary["protocol"] == "fewshot"]
+def _figures_per_dataset(make: Callable[[pd.DataFrame, Path], list[Path]], summary: pd.DataFrame, tmp: Path,
+                         datasets: Sequence[str], caption: Callable[[Path], str]) -> dict[str, list[Figure]]:
+    """Pictures drawn per dataset (each in its own folder, so none is attributed to the wrong dataset)."""
+    out: dict[str, list[Figure]] = {}
+    for i, d in enumerate(datasets):
+        folder = tmp / f"{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = make(summary[summary["dataset"] == d], folder)
+        out[d] = [figure(p, caption(p), p.stem) for p in paths]
+    return out
+
+
+def _stem_caption(p: Path) -> str:
+    return p.stem.replace("_", " ")
+
+
+def _fewshot(report: Report, tmp: Path) -> Section:
+    from medprobe.results.plots import fewshot_curves
+    s = report.summary
+    fs = s[s["protocol"] == "fewshot"]
+    section = Section("fewshot", "Few-shot curves", nav="Few-shot")
     if fs.empty:
-        return "<p class='note'>No few-shot results in this run.</p>"
-    parts = []
-    for dataset in fs["dataset"].unique():
-        metric = headline.get(dataset)
-        sub = fs[(fs["dataset"] == dataset) & (fs["metric"] == metric)].copy()
-        parsed = sub["variant"].str.extract(_FEWSHOT)
+        section.intro.append("No few-shot results in this run.")
+        return section
+    datasets = list(fs["dataset"].unique())
+    figs = _figures_per_dataset(
+        lambda sub, folder: fewshot_curves(sub, folder, report.headline.get(str(sub["dataset"].iloc[0])) or "auroc"),
+        fs, tmp, datasets, _stem_caption)
+    labels = backbone_labels(fs)
+    for dataset in datasets:
+        metric = report.headline.get(dataset)
+        sub = fs[(fs["dataset"] == dataset) & (fs["metric"] == metric)]
+        parsed = sub["variant"].astype(str).str.extract(_FEWSHOT)
         sub = sub.join(parsed).dropna(subset=["shots"])
         if sub.empty:
             continue
-        sub["shots"] = sub["shots"].astype(int)
+        sub = sub.assign(shots=sub["shots"].astype(int), bkey=_bkeys(sub),
+                         rest=[_FEWSHOT.sub("", v, count=1).strip() for v in sub["variant"].astype(str)])
         shots = sorted(sub["shots"].unique())
-        rows, keys = [], []
-        for (backbone, weights, probe), g in sub.groupby(["backbone", "weights", "probe"], sort=False):
-            by = {int(s): r for s, r in zip(g["shots"], g.itertuples())}
-            cells = [f"{by[s].mean:.3f} ± {by[s].sd:.3f}" if s in by else "" for s in shots]
-            rows.append([backbone, weights, probe, *cells])
-            keys.append([None, None, None, *[by[s].mean if s in by else "" for s in shots]])
-        parts.append(f"<h3>{escape(dataset)} — {escape(str(metric))} vs patients per class</h3>")
-        parts.append(table(["backbone", "weights", "probe", *[f"{s}-shot" for s in shots]], rows,
-                           numeric=[False, False, False, *[True] * len(shots)], sort_keys=keys,
-                           caption="mean ± sd over seeds and repeats"))
-    pics = [figure(p, escape(p.stem.replace("_", " ")), p.stem) for p in figs]
-    if pics:
-        parts.append(f"<div class='figs'>{''.join(pics)}</div>")
-    return "".join(parts) or "<p class='note'>No few-shot results in this run.</p>"
+        rows = []
+        for (bkey, probe, rest), g in sub.groupby(["bkey", "probe", "rest"], sort=False):
+            by = {int(n): r for n, r in zip(g["shots"], g.itertuples())}
+            b, w = g["backbone"].iloc[0], g["weights"].iloc[0]
+            shown = b if labels[bkey] == f"{b} ({w})" else labels[bkey]  # name (weights) [key] when ambiguous
+            rows.append([shown, w, f"{probe} {rest}".strip(),
+                         *[mean_cell(by[n]) if n in by else Cell("", sort="", numeric=True) for n in shots]])
+        section.subsections.append(Section(
+            f"fs-{slug(dataset)}", f"{dataset} — {metric} vs patients per class",
+            tables=[table(["backbone", "weights", "probe", *[num(f"{n}-shot") for n in shots]], rows,
+                          caption="mean ± sd over seeds and repeats")],
+            figures=figs.get(dataset, [])))
+    if not section.subsections:
+        section.intro.append("No few-shot results in this run.")
+    return section
 
 
-def _segmentation(summary: pd.DataFrame, headline: dict[str, str | None], figs: dict[str, list[Path]]) -> str:
-    parts = []
-    for dataset in summary["dataset"].unique():
-        metric = headline.get(dataset)
-        if metric not in _SEGMENTATION:
-            continue
-        sub = summary[(summary["dataset"] == dataset) & (summary["metric"] == metric)]
-        labels = list(dict.fromkeys(_label(b, w) for b, w in zip(sub["backbone"], sub["weights"])))
-        rows, keys = [], []
+def _segmentation(report: Report, tmp: Path) -> Section:
+    from medprobe.results.plots import protocol_bars
+    s = report.summary
+    section = Section("decoders", "Segmentation decoders", nav="Decoders")
+    datasets = [d for d in s["dataset"].unique() if report.headline.get(d) in _SEGMENTATION]
+    seg = s[s["dataset"].isin(datasets)]
+    figs = _figures_per_dataset(lambda sub, folder: protocol_bars(sub, folder, report.headline), seg, tmp,
+                                datasets, _stem_caption)
+    for dataset in datasets:
+        metric = report.headline[dataset]
+        sub = seg[(seg["dataset"] == dataset) & (seg["metric"] == metric)]
+        labels = backbone_labels(sub)
+        sub = sub.assign(bkey=_bkeys(sub))
+        order = list(dict.fromkeys(sub["bkey"]))
+        rows = []
         for (protocol, variant), g in sub.groupby(["protocol", "variant"], sort=False):
-            cell = {_label(r.backbone, r.weights): r for r in g.itertuples()}
-            rows.append([protocol, variant, *[f"{cell[lab].mean:.3f} ± {cell[lab].sd:.3f} "
-                                              f"{_ci(cell[lab].ci_low, cell[lab].ci_high)}".strip()
-                                              if lab in cell else "" for lab in labels]])
-            keys.append([None, None, *[cell[lab].mean if lab in cell else "" for lab in labels]])
-        parts.append(f"<h3>{escape(dataset)} — {escape(metric)} by decoder</h3>")
-        parts.append(table(["protocol", "decoder / variant", *labels], rows,
-                           numeric=[False, False, *[True] * len(labels)], sort_keys=keys,
-                           caption="mean ± sd over seeds [mean bootstrap 95% CI]"))
-        pics = [figure(p, escape(p.stem.replace("_", " ")), p.stem) for p in figs.get(dataset, [])]
-        if pics:
-            parts.append(f"<div class='figs'>{''.join(pics)}</div>")
-    return "".join(parts) or "<p class='note'>No segmentation results in this run.</p>"
+            by = {k: r for k, r in zip(g["bkey"], g.itertuples())}
+            rows.append([protocol, variant, *[mean_cell(by[k], with_ci=True) if k in by
+                                              else Cell("", sort="", numeric=True) for k in order]])
+        section.subsections.append(Section(
+            f"seg-{slug(dataset)}", f"{dataset} — {metric} by decoder",
+            tables=[table(["protocol", "decoder / variant", *[num(labels[k]) for k in order]], rows,
+                          caption="mean ± sd over seeds [mean bootstrap 95% CI]")],
+            figures=figs.get(dataset, [])))
+    if not section.subsections:
+        section.intro.append("No segmentation results in this run.")
+    return section
 
 
-def _ranking(summary: pd.DataFrame, tmp: Path) -> tuple[str, bool]:
-    from medprobe.analysis.ranking import average_ranks, dataset_scores, plot_ranking
-    from medprobe.errors import MedprobeError
-    scores = dataset_scores(summary)
-    if scores.empty:
-        return "<p class='note'>No classification or segmentation results to rank.</p>", False
-    ranking = average_ranks(scores)
-    fams = ranking.families()
-    rows, keys = [], []
-    for r in ranking.average.itertuples():
-        rows.append([r.backbone, r.classification_rank, r.n_classification, r.segmentation_rank, r.n_segmentation])
-    html = table(["backbone", "classification rank", "classification datasets", "segmentation rank",
-                  "segmentation datasets"], rows, numeric=[False, True, True, True, True],
-                 caption="average rank over datasets; rank 1 = best; ties share the average rank")
-    if len(fams) < 2:
-        return (f"<p class='note'>The cross-task scatter needs classification and segmentation results; this run has "
-                f"{escape(' and '.join(fams) or 'neither')} only.</p>" + html), False
+def _ranking(report: Report, tmp: Path) -> tuple[Section, bool]:
+    """The cross-task ranking section, and whether it shows the scatter."""
+    from medprobe.results.ranking import average_ranks, dataset_scores, plot_ranking
+    section = Section("ranking", "Cross-task ranking", nav="Ranking")
     try:
+        scores = dataset_scores(report.summary)
+        if scores.empty:
+            section.intro.append("No classification or segmentation results to rank.")
+            return section, False
+        ranking = average_ranks(scores)
+    except MedprobeError as e:
+        section.intro.append(str(e))
+        return section, False
+    fams = ranking.families()
+    rows = [[r.backbone, r.classification_rank, r.n_classification, r.segmentation_rank, r.n_segmentation]
+            for r in ranking.average.itertuples()]
+    section.tables.append(table(["backbone", num("classification rank"), num("classification datasets"),
+                                 num("segmentation rank"), num("segmentation datasets")], rows,
+                                caption="average rank over datasets; rank 1 = best; ties share the average rank"))
+    if len(fams) < 2:
+        section.intro.append(f"The cross-task scatter needs classification and segmentation results; this run has "
+                             f"{' and '.join(fams) or 'neither'} only.")
+        return section, False
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
         path = plot_ranking(ranking, tmp / "ranking.png")
     except MedprobeError as e:
-        return f"<p class='note'>{escape(str(e))}</p>" + html, False
-    fig = figure(path, "Average rank on segmentation (x) vs classification (y); top right is best on both.",
-                 "cross-task ranking scatter")
-    return f"<div class='figs'>{fig}</div>" + html, True
+        section.intro.append(str(e))
+        return section, False
+    section.figures.append(figure(path, "Average rank on segmentation (x) vs classification (y); top right is best "
+                                        "on both.", "cross-task ranking scatter"))
+    return section, True
 
 
-def _analysis(out: Path, skip_ranking: bool) -> str:
+def _analysis(out: Path, skip_ranking: bool) -> Section:
+    section = Section("analysis", "Looking inside the features", nav="Analysis")
     root = out / "analysis"
     pngs = sorted(root.rglob("*.png")) if root.is_dir() else []
-    if skip_ranking:
+    if skip_ranking:  # the ranking section shows it already
         pngs = [p for p in pngs if not (p.parent.name == "ranking" and p.name == "ranking.png")]
     if not pngs:
-        return ("<p class='note'>No analysis pictures under <code>analysis/</code>; create them with "
-                "<code>medprobe analyze pca|cka|attention|correspondence ... --out "
-                f"{escape(str(root))}/NAME</code>.</p>")
-    figs = []
+        section.intro.append(["No analysis pictures under ", Code("analysis/"), "; create them with ",
+                              Code(f"medprobe analyze pca|cka|attention|correspondence ... --out {root}/NAME"), "."])
+        return section
     for p in pngs:
-        meta: dict = {}
+        meta: dict[str, Any] = {}
         side = p.with_suffix(".json")
         if side.is_file():
             try:
-                meta = json.loads(side.read_text())
+                loaded = json.loads(side.read_text())
+                meta = loaded if isinstance(loaded, dict) else {}
             except (OSError, ValueError):
                 meta = {}
         rel = p.relative_to(out).as_posix()
-        cap = f"<b>{escape(str(meta.get('title', p.stem)))}</b><br>" if meta.get("title") else ""
-        if meta.get("description"):
-            cap += escape(str(meta["description"])) + "<br>"
-        cap += f"<code>{escape(rel)}</code>"
-        figs.append(figure(p, cap, str(meta.get("title", rel)), wide=True))
-    return f"<div class='figs'>{''.join(figs)}</div>"
+        title = str(meta["title"]) if meta.get("title") else None
+        section.figures.append(figure(p, str(meta.get("description") or ""), title or rel, wide=True, title=title,
+                                      shown_path=rel))
+    return section
 
 
-def _failed(out: Path) -> str:
-    with sqlite3.connect(out / "results.db") as conn:
-        rows = conn.execute("SELECT dataset, backbone, weights, protocol, variant, seed, error FROM runs "
-                            "WHERE status = 'failed' ORDER BY dataset, backbone, variant, seed").fetchall()
-    if not rows:
-        return ""
-    return ("<h2 id='failed'>Failed runs</h2>" +
-            table(["dataset", "backbone", "weights", "protocol", "variant", "seed", "error"],
-                  [[*r[:6], (r[6] or "")[:300]] for r in rows], numeric=[False] * 5 + [True, False]))
+def _notes(report: Report) -> Section | None:
+    if not report.notes:
+        return None
+    return Section("notes", "Notes", intro=["Undefined metrics and why, the settings a protocol actually used, and "
+                                            "warnings about the data."], notes=list(report.notes))
 
 
-def _all_metrics(summary: pd.DataFrame) -> str:
-    rows = [[r.dataset, r.backbone, r.weights, r.protocol, r.variant, r.metric, int(r.n), r.mean, r.sd, r.ci_low,
-             r.ci_high] for r in summary.itertuples()]
-    return table(["dataset", "backbone", "weights", "protocol", "variant", "metric", "n", "mean", "sd", "CI low",
-                  "CI high"], rows, numeric=[False] * 6 + [True] * 5)
+def _error_cell(error: object) -> Cell:
+    text = "" if is_na(error) else str(error)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    short = lines[-1].strip() if lines else ""  # a traceback's last line names the exception
+    if len(short) > 300:
+        short = short[:299] + "…"
+    detail = text if (len(lines) > 1 or short != text.strip()) else None
+    return Cell(short, sort=short.lower(), css="error", detail=detail)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
+def _failed(report: Report) -> Section:
+    section = Section("failed", "Failed units", nav="Failed")
+    if not report.failed:
+        section.intro.append("No unit failed.")
+        return section
+    section.intro.append(f"{len(report.failed)} unit(s) failed; their results are missing from the tables above. "
+                         "Rerunning the experiment retries them (finished units are kept).")
+    rows = [[f.get("dataset"), f.get("backbone"), f.get("weights"), f.get("protocol"), f.get("variant"),
+             f.get("seed"), _error_cell(f.get("error"))] for f in report.failed]
+    section.tables.append(table(["dataset", "backbone", "weights", "protocol", "variant", num("seed"), "error"], rows))
+    return section
 
 
-def render_html(output_dir: str | Path) -> str:
-    """The report page of ``output_dir`` as one HTML string."""
-    from medprobe.results.plots import fewshot_curves, protocol_bars
+_ENV_FIELDS = (("medprobe", "medprobe"), ("git_sha", "git SHA"), ("python", "python"))
+_ENV_DEVICE = (("device", "device"), ("device_name", "device name"), ("precision", "precision"),
+               ("platform", "platform"))
+
+
+def _environment(report: Report, unrecorded: int) -> Section:
+    section = Section("environment", "Environment", nav="Environment")
+    envs = sorted(((e if isinstance(e, dict) else {}, int(n)) for e, n in report.environments),
+                  key=lambda en: -en[1])  # the most used first
+    if not envs:
+        section.intro.append("No run recorded its environment." if unrecorded else "No finished runs.")
+        return section
+    packages = list(dict.fromkeys(k for e, _ in envs for k in (e.get("packages") or {})))
+    fields = [*[(k, label, lambda e, k=k: e.get(k)) for k, label in _ENV_FIELDS],
+              *[(f"packages.{p}", p, lambda e, p=p: (e.get("packages") or {}).get(p)) for p in packages],
+              *[(k, label, lambda e, k=k: e.get(k)) for k, label in _ENV_DEVICE]]
+    rows: list[list[object]] = [["finished runs", *[Cell(str(n), numeric=True) for _, n in envs]]]
+    differ = []
+    for _, label, get in fields:
+        values = [get(e) for e, _ in envs]
+        rows.append([label, *["—" if is_na(v) or v == "" else str(v) for v in values]])
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            differ.append(label)
+    columns = [""] + [f"environment {i + 1}" for i in range(len(envs))]
+    section.intro.append("What the finished runs were computed with: versions, device and precision.")
+    section.tables.append(table(columns, rows, sortable=False, header=len(envs) > 1, row_header=True))
+    if differ:
+        section.notes.append(f"The runs were computed in {len(envs)} different environments (they differ in "
+                             f"{', '.join(differ)}): numbers from different environments may not be exactly "
+                             "comparable.")
+    if unrecorded:
+        section.notes.append(f"{unrecorded} finished run(s) recorded no environment (written by a medprobe version "
+                             "that did not record it).")
+    return section
+
+
+def _all_metrics(summary: pd.DataFrame) -> Section:
+    rows = [[r.dataset, r.backbone, r.weights, r.protocol, r.variant, r.metric, int(r.n),
+             Cell(NA, sort="", numeric=True, na=True, title=_note(r)) if is_na(r.mean) else r.mean,
+             sd_cell(r), r.ci_low, r.ci_high] for r in summary.itertuples()]
+    t = table(["dataset", "backbone", "weights", "protocol", "variant", "metric", num("n"), num("mean"), num("sd"),
+               num("CI low"), num("CI high")], rows,
+              collapsed=f"every metric of every configuration ({len(summary)} rows)")
+    return Section("all", "All metrics", tables=[t])
+
+
+def build_sections(out: Path, report: Report, tmp: Path) -> list[Section]:
+    """Every section of the page, in order (pictures are drawn under ``tmp`` and inlined)."""
+    counts, unrecorded = _run_counts(out)
+    experiments = _experiments(out)
+    ranking, ranked = _ranking(report, tmp / "ranking")
+    sections = [_overview(report, experiments, counts), _headline(report), _fewshot(report, tmp / "fewshot"),
+                _segmentation(report, tmp / "decoders"), ranking, _analysis(out, ranked), _notes(report),
+                _failed(report), _environment(report, unrecorded), _all_metrics(report.summary)]
+    return [s for s in sections if s is not None]
+
+
+def _experiments(out: Path) -> list[str]:
+    conn = connect_readonly(out / "results.db")
+    try:
+        return sorted(r[0] for r in conn.execute("SELECT DISTINCT experiment FROM runs WHERE status = 'done'"))
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- rendering
+def _resource(*parts: str) -> str:
+    return resources.files("medprobe.results").joinpath(*parts).read_text(encoding="utf-8")
+
+
+@cache
+def jinja_env():  # -> jinja2.Environment
+    """The jinja2 environment of the report templates (package data, read through importlib.resources)."""
+    import jinja2
+
+    def load(name: str) -> tuple[str, None, Callable[[], bool]] | None:
+        try:
+            return _resource("templates", name), None, lambda: True
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    return jinja2.Environment(loader=jinja2.FunctionLoader(load), autoescape=True, undefined=jinja2.StrictUndefined,
+                              extensions=["jinja2.ext.do"], trim_blocks=True, lstrip_blocks=True)
+
+
+def _inline_asset(name: str, closing: str) -> Any:
+    """A static file to inline verbatim in a ``<style>``/``<script>`` element (never one that could close it)."""
+    from markupsafe import Markup
+    text = _resource("static", name)
+    if closing in text.lower():
+        raise MedprobeError(f"package file medprobe/results/static/{name} contains {closing}; it cannot be inlined")
+    return Markup(text)
+
+
+def render_page(sections: Sequence[Section], *, name: str, folder: str, generated: str | None = None) -> str:
+    """The HTML page of ``sections`` (every string autoescaped; CSS and JS inlined)."""
+    page = {"name": name, "folder": folder,
+            "generated": generated or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return jinja_env().get_template("report.html.j2").render(
+        page=page, sections=list(sections), css=_inline_asset("report.css", "</style"),
+        js=_inline_asset("report.js", "</script")) + "\n"
+
+
+def render_html(output_dir: str | Path, report: Report | None = None) -> str:
+    """The report page of ``output_dir`` as one HTML string (``report``: its model, when already built)."""
     out = Path(output_dir)
-    df = load_results(out)
-    summary = summarize(df)
-    headline = {d: headline_metric(summary, d) for d in summary["dataset"].unique()}
+    report = report if report is not None else build_report(out, write=False)
     with tempfile.TemporaryDirectory(prefix="medprobe-html-") as tmpdir:
-        tmp = Path(tmpdir)
-        fs_figs = fewshot_curves(summary, tmp) if not summary.empty else []
-        seg_summary = summary[summary["dataset"].map(lambda d: headline.get(d) in _SEGMENTATION)]
-        bar_figs = protocol_bars(seg_summary, tmp, headline) if not seg_summary.empty else []
-        seg_figs: dict[str, list[Path]] = {}
-        for p in bar_figs:
-            for d in seg_summary["dataset"].unique():
-                if p.stem.startswith("bars_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", d).strip("_") + "_"):
-                    seg_figs.setdefault(d, []).append(p)
-        ranking_html, ranked = _ranking(summary, tmp)
-        sections = [
-            ("overview", "Overview", _overview(out, df, summary)),
-            ("results", "Results", "<p class='note'>Headline metric per dataset: mean over seeds ± sd and the mean "
-             "bootstrap 95% confidence interval on the test split. The best mean of each dataset is highlighted; "
-             "few-shot results have their own section. Click a column header to sort.</p>" + _headline(summary, headline)),
-            ("fewshot", "Few-shot curves", _fewshot(summary, headline, fs_figs)),
-            ("decoders", "Segmentation decoders", _segmentation(summary, headline, seg_figs)),
-            ("ranking", "Cross-task ranking", ranking_html),
-            ("analysis", "Looking inside the features", _analysis(out, ranked)),
-        ]
-        body = "".join(f"<h2 id='{sid}'>{escape(title)}</h2>{content}" for sid, title, content in sections)
-    body += _failed(out)
-    body += ("<h2 id='all'>All metrics</h2><details><summary>every metric of every configuration "
-             f"({len(summary)} rows)</summary>{_all_metrics(summary)}</details>")
-    nav = "".join(f"<a href='#{sid}'>{escape(t)}</a>" for sid, t in
-                  [("overview", "Overview"), ("results", "Results"), ("fewshot", "Few-shot"),
-                   ("decoders", "Decoders"), ("ranking", "Ranking"), ("analysis", "Analysis"), ("all", "All metrics")])
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>medprobe report — {escape(out.resolve().name)}</title><style>{CSS}</style></head>"
-            f"<body data-render='pending'><h1>medprobe report</h1><p class='muted'>{escape(str(out.resolve()))} · "
-            f"generated {stamp}</p><nav>{nav}</nav>{body}<script>{JS}</script></body></html>\n")
+        sections = build_sections(out, report, Path(tmpdir))
+    return render_page(sections, name=out.resolve().name, folder=str(out.resolve()))
 
 
-def write_html_report(output_dir: str | Path) -> Path:
+def write_html_report(output_dir: str | Path, report: Report | None = None) -> Path:
     """Write ``OUTPUT_DIR/report.html`` (self-contained) and return its path."""
     out = Path(output_dir)
-    page = render_html(out)
+    page = render_html(out, report)
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}; check that the output folder is writable") from None
     return path

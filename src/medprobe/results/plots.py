@@ -22,11 +22,13 @@ def _safe(name: str) -> str:
 
 def fewshot_curves(summary: pd.DataFrame, out_dir: Path, metric: str = "auroc") -> list[Path]:
     """One figure per dataset and few-shot probe: metric vs shots, a line per backbone (± sd)."""
-    fs = summary[(summary["protocol"] == "fewshot") & (summary["metric"] == metric)].copy()
+    fs = summary[(summary["protocol"] == "fewshot") & (summary["metric"] == metric) & summary["mean"].notna()].copy()
     if fs.empty:
         return []
     parts = fs["variant"].str.extract(r"fewshot (?P<probe>\w+) (?P<shots>\d+)-shot")
-    fs = fs.join(parts)
+    fs = fs.join(parts).dropna(subset=["shots"])
+    if fs.empty:
+        return []
     fs["shots"] = fs["shots"].astype(int)
     paths = []
     for (dataset, probe), sub in fs.groupby(["dataset", "probe"]):
@@ -55,7 +57,7 @@ def protocol_bars(summary: pd.DataFrame, out_dir: Path, metric_for: dict[str, st
     paths = []
     for (dataset, protocol), sub in summary.groupby(["dataset", "protocol"]):
         metric = metric_for.get(dataset)
-        sub = sub[sub["metric"] == metric]
+        sub = sub[(sub["metric"] == metric) & sub["mean"].notna()]  # undefined values: "n/a" in the tables
         if sub.empty or protocol == "fewshot":
             continue
         pivot = sub.pivot_table(index="variant", columns="backbone", values="mean", sort=False)

@@ -1,50 +1,138 @@
-"""Results as tables: the long metric table and its aggregate over seeds."""
+"""Results as tables: the long metric table, configuration labels and the aggregate over seeds.
+
+A *configuration* is everything that decides a unit's numbers except its seed: the runner
+records it as ``config_key`` (protocol, version, complete resolved options, dataset and
+evaluation settings) and the backbone as ``backbone_key``. Seeds of one configuration and
+backbone are aggregated; different configurations are never pooled, whatever their labels.
+Labels are derived from the options that actually differ between the configurations that
+share a protocol label (``variant``) on a dataset, so two fine-tuning ``lr`` show as
+``finetune lr=0.001`` and ``finetune lr=0.0001``.
+"""
 from __future__ import annotations
 
-import sqlite3
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medprobe.errors import MedprobeError
+from medprobe.identity import flatten
+from medprobe.results.store import connect_readonly
 
-HEADLINE = ("auroc", "dice_jaccard_mean", "dice", "accuracy")
+HEADLINE = ("auroc", "dice_jaccard_mean", "dice", "rouge_l", "accuracy")
+SUMMARY_COLUMNS = ["dataset", "backbone", "weights", "protocol", "variant", "metric", "mean", "sd", "n", "ci_low",
+                   "ci_high", "note", "config_key", "backbone_key"]
+
+
+def _columns(conn) -> set[str]:
+    return {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
 
 
 def load_results(output_dir: str | Path) -> pd.DataFrame:
-    """All finished metrics joined with their run: one row per (run, split, metric, class)."""
-    db = Path(output_dir) / "results.db"
-    if not db.is_file():
-        raise MedprobeError(f"no results database at {db}; run `medprobe run FILE.yaml` first")
-    with sqlite3.connect(db) as conn:
+    """All finished metrics joined with their run: one row per (run, split, metric, class), with the
+    derived configuration label in ``variant`` (the protocol's own short label is ``protocol_label``)."""
+    conn = connect_readonly(Path(output_dir) / "results.db")
+    try:
+        have = _columns(conn)
+        extra = [c for c in ("config_key", "options_json", "backbone_key", "dataset_key") if c in have]
+        cols = ", ".join(f"r.{c}" for c in extra)
         df = pd.read_sql_query(
             "SELECT r.key AS run_key, r.experiment, r.dataset, r.backbone, r.weights, r.protocol, r.variant, "
-            "r.params_json, r.seed, r.wall_s, r.info_json, m.split, m.metric, m.class, m.value, m.ci_low, m.ci_high, "
-            "m.note FROM runs r JOIN metrics m ON m.run_key = r.key WHERE r.status = 'done' "
-            "ORDER BY r.dataset, r.backbone, r.started_at, m.metric, r.seed", conn)
+            f"r.params_json, r.seed, r.wall_s, r.info_json, {cols + ', ' if cols else ''}m.split, m.metric, m.class, "
+            "m.value, m.ci_low, m.ci_high, m.note FROM runs r JOIN metrics m ON m.run_key = r.key "
+            "WHERE r.status = 'done' ORDER BY r.dataset, r.backbone, r.started_at, m.metric, r.seed", conn)
+    finally:
+        conn.close()
+    for c in ("config_key", "options_json", "backbone_key", "dataset_key"):
+        if c not in df:
+            df[c] = None
+    # rows of an older results.db: the configuration is what its key hashed (labels and params)
+    legacy = df["config_key"].isna()
+    df.loc[legacy, "config_key"] = ("legacy:" + df.loc[legacy, "protocol"] + ":" + df.loc[legacy, "variant"] + ":"
+                                    + df.loc[legacy, "params_json"].fillna(""))
+    df.loc[df["backbone_key"].isna(), "backbone_key"] = ("legacy:" + df["backbone"] + ":" + df["weights"])
+    df["protocol_label"] = df["variant"]
+    df["variant"] = derive_labels(df)
     return df
 
 
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def derive_labels(df: pd.DataFrame) -> pd.Series:
+    """The configuration label of every row: the protocol label plus the options that differ between
+    the configurations sharing it on the same dataset (and the config key when even those agree)."""
+    labels = pd.Series(df["variant"].values, index=df.index, dtype=object)
+    if df.empty:
+        return labels
+    for (_, _, _), group in df.groupby(["dataset", "protocol", "variant"], sort=False):
+        configs = group.drop_duplicates("config_key")
+        if len(configs) < 2:
+            continue
+        leaves = {}
+        for ck, raw in zip(configs["config_key"], configs["options_json"]):
+            try:
+                leaves[ck] = flatten(json.loads(raw)) if isinstance(raw, str) else {}
+            except ValueError:
+                leaves[ck] = {}
+        names = sorted({k for v in leaves.values() for k in v})
+        differ = [k for k in names if len({json.dumps(v.get(k), sort_keys=True) for v in leaves.values()}) > 1]
+        base = group["variant"].iloc[0]
+        text = {ck: " ".join([base] + [f"{k}={_value(leaves[ck].get(k, '-'))}" for k in differ]) for ck in leaves}
+        if len(set(text.values())) < len(text):  # same options, other settings (image size, data...): say which
+            text = {ck: f"{t} [config {ck[:6]}]" for ck, t in text.items()}
+        for ck, t in text.items():
+            labels.loc[group.index[group["config_key"] == ck]] = t
+    return labels
+
+
+def _sd(v: pd.Series) -> float:
+    v = v.dropna()
+    return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def _notes(v: pd.Series) -> str | None:
+    notes = [n for n in dict.fromkeys(v.dropna()) if n]
+    return "; ".join(notes) if notes else None
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sd and n over seeds, and the mean bootstrap CI, per dataset × backbone × variant × metric (macro)."""
-    agg = df[df["class"].isna()]
+    """Mean, sd and n over seeds and the mean bootstrap CI, per dataset × backbone × configuration × metric
+    (macro rows only). A metric undefined in some seeds is averaged over the others (``n`` counts them);
+    undefined in all seeds it is NaN, shown as "n/a" with the reason in ``note``."""
+    agg = df[df["class"].isna()] if not df.empty else df
     if agg.empty:
-        return pd.DataFrame(columns=["dataset", "backbone", "weights", "protocol", "variant", "metric", "mean", "sd", "n",
-                                     "ci_low", "ci_high"])
-    g = agg.groupby(["dataset", "backbone", "weights", "protocol", "variant", "metric"], sort=False)
-    out = g.agg(mean=("value", "mean"), sd=("value", lambda v: float(np.std(v, ddof=1)) if v.count() > 1 else 0.0),
-                n=("value", "count"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
-    return out
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    g = agg.groupby(["dataset", "backbone", "backbone_key", "weights", "protocol", "config_key", "variant", "metric"],
+                    sort=False, dropna=False)
+    out = g.agg(mean=("value", "mean"), sd=("value", _sd), n=("value", "count"), ci_low=("ci_low", "mean"),
+                ci_high=("ci_high", "mean"), note=("note", _notes), seeds=("seed", "nunique")).reset_index()
+    out["note"] = [n if isinstance(n, str) and n else None for n in out["note"]]  # pandas fills NaN for none
+    partial = (out["n"] > 0) & (out["n"] < out["seeds"])
+    out.loc[partial, "note"] = [f"undefined in {s - n} of {s} seeds" + (f": {note}" if note else "")
+                                for s, n, note in zip(out.loc[partial, "seeds"], out.loc[partial, "n"],
+                                                      out.loc[partial, "note"])]
+    return out[SUMMARY_COLUMNS]
 
 
 def headline_metric(summary: pd.DataFrame, dataset: str) -> str | None:
-    present = set(summary.loc[summary["dataset"] == dataset, "metric"])
-    return next((m for m in HEADLINE if m in present), None)
+    """The dataset's headline metric: the first of :data:`HEADLINE` with at least one defined value."""
+    sub = summary[summary["dataset"] == dataset]
+    defined = set(sub.loc[sub["mean"].notna(), "metric"])
+    present = set(sub["metric"])
+    return next((m for m in HEADLINE if m in defined), next((m for m in HEADLINE if m in present), None))
 
 
 def fmt(mean: float, sd: float, n: int, lo: float | None, hi: float | None) -> str:
-    if mean != mean:
+    """``mean ± sd [lo, hi]``; ``n/a`` for an undefined value."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     s = f"{mean:.3f}"
     if n > 1:

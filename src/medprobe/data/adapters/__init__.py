@@ -131,6 +131,8 @@ ADAPTER_MODULES: tuple[str, ...] = (
     "cbis_ddsm",
     "isic2019",
     "padchest",
+    "mimic_cxr",
+    "iu_xray",
 )
 
 for _module in ADAPTER_MODULES:

@@ -23,7 +23,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +355,7 @@ def assign_splits(drafts: Sequence[Record], policy: SplitPolicy) -> list[Record]
             assign.update({k: ("val" if s == "test" else "train") for k, s in inner.items()})
     else:
         assign = patient_split(drafts, policy.fractions, seed=policy.seed, method=policy.method)
-    return [Record(r.key, assign[r.key], r.patient_id, r.label, r.metadata, r.image_path, r.mask_path)
-            for r in drafts]
+    return [replace(r, split=assign[r.key]) for r in drafts]
 
 
 # --------------------------------------------------------------------------- the dataset

@@ -5,9 +5,11 @@ Task: segmentation, 16 classes as named by dataset.json "labels": background, sp
 right kidney, left kidney, gall bladder, esophagus, liver, stomach, aorta (spelled
 "arota" in the release), postcava, pancreas, right adrenal gland, left adrenal gland,
 duodenum, bladder, prostate/uterus (names are taken from the file as they are).
-Modality: abdominal CT (Hounsfield units) and MRI, NIfTI .nii.gz read as (D, H, W)
-with D the third NIfTI axis; dataset.affine(i) gives the voxel-to-world affine
-(value_range None). modality=ct (default) | mri | all selects by case number:
+Modality: abdominal CT (Hounsfield units) and MRI, NIfTI .nii.gz. Geometry as for
+msd: canonical orientation (axial slices in the radiological convention;
+orientation=file keeps the file's axes), spacing=[d, h, w] resampling,
+dataset.affine(i) / dataset.geometry(i). Intensity: window=[center, width] or a
+preset (e.g. abdomen) for modality=ct; per-volume percentiles otherwise. modality=ct (default) | mri | all selects by case number:
 amos_0001-0500 are CT and amos_0501-0600 MRI, as described in the AMOS paper (the
 adapter relies on this numbering; it does not read a modality field).
 Official split: "training" (imagesTr, 200 CT + 40 MRI) and "validation" (imagesVa,
@@ -35,10 +37,10 @@ from typing import Any
 from medprobe.data.adapters import choice_option, register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, assign_splits, details, finish,
                                             folder_root, split_policy)
-from medprobe.data.adapters.msd import (DecathlonDataset, case_list, case_name, decathlon_records, label_names,
-                                        read_dataset_json)
+from medprobe.data.adapters.msd import (DecathlonDataset, case_list, case_name, decathlon_records,
+                                        geometry_options, label_names, read_dataset_json)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
-from medprobe.errors import DataError
+from medprobe.errors import ConfigError, DataError
 
 NAME = "amos"
 FIRST_MRI = 501
@@ -56,10 +58,15 @@ def case_modality(name: str) -> str | None:
                   details(__doc__, official=True))
 def build_amos(root: Path | None, modality: str = "ct", split: str = "official", split_seed: int = 0,
                split_fractions: Any = DEFAULT_FRACTIONS, val_fraction: float = 0.1,
-               missing: str = "error") -> ImageDataset:
+               missing: str = "error", orientation: str = "canonical", spacing: Any = None,
+               window: Any = None) -> ImageDataset:
     """Build AMOS from the amos22 folder ``root``."""
     folder = folder_root(NAME, root, "the amos22 folder holding dataset.json, imagesTr/ and labelsTr/")
     modality = choice_option("modality", modality, ("ct", "mri", "all"))
+    geometry = geometry_options(orientation, spacing, window)
+    if window is not None and modality != "ct":
+        raise ConfigError(f"option window: Hounsfield windows apply to CT; modality={modality} includes MRI "
+                          f"(use modality=ct, or leave window out for percentile scaling)")
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
     problems = Problems(NAME)
     presence = Presence(missing, problems)
@@ -82,5 +89,5 @@ def build_amos(root: Path | None, modality: str = "ct", split: str = "official",
     problems.check()
     records = assign_splits(drafts, policy)
     ds = DecathlonDataset(NAME, folder, records, TaskSpec("segmentation", classes), where=where, policy=policy,
-                          annotation_files=[json_path], notes=[f"modality={modality}", presence.note()])
+                          annotation_files=[json_path], notes=[f"modality={modality}", presence.note()], **geometry)
     return finish(ds, problems)

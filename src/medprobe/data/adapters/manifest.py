@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 
 from medprobe.data.adapters import choice_option, int_option, register_adapter, require_root
-from medprobe.data.adapters._common import options_list
+from medprobe.data.adapters._common import Problems, collecting, options_list
 from medprobe.data.base import SPLITS, ImageDataset, Record, TaskSpec
 from medprobe.data.readers import file_kind, nifti_affine, read_image, read_mask, read_nifti
+from medprobe.data.volume import (PLANES, VolumeGeometry, describe_intensity, read_volume, spacing_option,
+                                  volume_kind, window_range)
 from medprobe.errors import ConfigError, DataError
 
 DETAILS = """\
@@ -30,14 +32,28 @@ volume. Columns:
               column makes the task segmentation unless task=classification
   patient_id  optional; defaults to the image path. Keep each patient's images
               in one split.
+  report      optional free text (e.g. the findings section) for report
+              generation; an empty cell = no report
   other       metadata (numbers parsed as numbers), e.g. sex, age, site, view
 Options: labels (label column(s)); class_names (names in label order, or the
 order in which to map string labels); task (auto | classification |
 segmentation | none); ndim (2 | 3; default from the first image); num_classes
 (segmentation classes including background; default: the largest mask value + 1,
-found by reading every mask); slice_axis (NIfTI axis used as depth D, default 2).
-NIfTI rows give volumes (D, H, W); dataset.affine(i) is the voxel-to-world affine
-of row i in that axis order (for writing predictions as NIfTI). All listed files
+found by reading every mask); slice_axis (the slicing plane of volumes: 2 axial,
+default; 1 coronal; 0 sagittal).
+Volumes (NIfTI, MHA/MHD/NRRD with SimpleITK, a folder of DICOM slices, .npy) are
+brought to one canonical orientation (orientation=canonical, default): reoriented
+from their affine to RAS and laid out as (D, H, W) slices in the radiological
+display convention (axial: D inferior->superior, anterior at the top, the
+patient's right on the viewer's left), so the same scan stored with other axes
+gives the same slices; orientation=file keeps the file's axis order (slice_axis =
+the file axis used as depth). spacing=[d, h, w] (mm) resamples every volume
+(images linear, masks nearest). window=[center, width] (Hounsfield units) or a
+preset (lung, mediastinum, abdomen, bone, brain) scales CT by that window instead
+of per-image percentiles (leave it out for MR). dataset.affine(i) and
+dataset.geometry(i) give row i's voxel-to-world affine in the returned axis order
+(predictions are written back on the file's own grid); masks must share their
+image's grid. All listed files
 must exist when the dataset is built; errors name the CSV row (header = row 1).
 Licence and provenance: your own data."""
 
@@ -72,6 +88,8 @@ class ManifestDataset(ImageDataset):
         super().__init__(records, task, name=csv_path.stem, ndim=ndim, source=f"manifest:{csv_path.resolve()}")
         self.csv_path = csv_path
         self.rows = list(rows)
+        #: where each record is listed (``<csv> row N``); read errors and ``data check`` name it
+        self.where = [f"{csv_path} row {n}" for n in self.rows]
         self.slice_axis = slice_axis
         self.num_classes = num_classes
         self.value_range = None
@@ -79,15 +97,18 @@ class ManifestDataset(ImageDataset):
         self._affines: dict[int, np.ndarray] = {}
 
     def _where(self, index: int) -> str:
-        return f"{self.csv_path} row {self.rows[index]}"
+        return self.where[index]
 
     def load_image(self, index: int) -> np.ndarray:
         path = self.records[index].image_path
         assert path is not None
-        if file_kind(path) == "nifti":
-            image, self._affines[index] = read_nifti(path, self.slice_axis)
-        else:
-            image = read_image(path)
+        try:
+            if file_kind(path) == "nifti":
+                image, self._affines[index] = read_nifti(path, self.slice_axis)
+            else:
+                image = read_image(path)
+        except DataError as e:
+            raise DataError(f"{e} [listed in {self._where(index)}]") from None
         rgb = image.ndim == 3 and image.shape[-1] == 3
         if self.ndim == 3 and image.ndim != 3:
             raise DataError(f"{self._where(index)}: {path} is a 2D image {image.shape} but the dataset is 3D "
@@ -108,7 +129,10 @@ class ManifestDataset(ImageDataset):
         rec = self.records[index]
         if rec.mask_path is None:
             raise DataError(f"{self._where(index)}: no mask listed for {rec.image_path}")
-        mask = read_mask(rec.mask_path, self.slice_axis)
+        try:
+            mask = read_mask(rec.mask_path, self.slice_axis)
+        except DataError as e:
+            raise DataError(f"{e} [listed in {self._where(index)}]") from None
         shape = self._image_shape(index)
         if len(shape) == 3 and mask.ndim == 2:
             raise DataError(f"{rec.mask_path}: 2D mask {mask.shape} for the 3D image {rec.image_path} {shape}; "
@@ -147,6 +171,67 @@ class ManifestDataset(ImageDataset):
         return h.hexdigest()
 
 
+class CanonicalVolumes(ManifestDataset):
+    """A 3D manifest whose volumes are read in the canonical layout, with their geometry (orientation=canonical).
+
+    Images and masks go through :func:`~medprobe.data.volume.read_volume` (canonical orientation,
+    optional ``spacing`` resampling); a mask must lie on its image's grid. The orientation,
+    spacing and intensity policy (``window``) are part of ``source`` and so of the fingerprint.
+    """
+
+    orientation = "canonical"
+
+    def __init__(self, *args: Any, spacing: tuple[float, float, float] | None = None, window: Any = None) -> None:
+        super().__init__(*args)
+        self.spacing = spacing
+        self.window = window
+        self.value_range = window_range(window, "option window")
+        self.source += (f"|orientation=canonical({PLANES[self.slice_axis]})"
+                        f"|spacing={list(spacing) if spacing else 'native'}|intensity={describe_intensity(window)}")
+        self._geometry: dict[int, VolumeGeometry] = {}
+
+    def _volume(self, index: int, path: str, mask: bool) -> tuple[np.ndarray, VolumeGeometry]:
+        try:
+            return read_volume(path, slice_axis=self.slice_axis, spacing=self.spacing, mask=mask)
+        except DataError as e:
+            raise DataError(f"{e} [listed in {self._where(index)}]") from None
+
+    def load_image(self, index: int) -> np.ndarray:
+        path = self.records[index].image_path
+        assert path is not None
+        if volume_kind(path) == "unknown" or file_kind(path) == "pil":
+            return super().load_image(index)  # a 2D file: the base class says what is wrong
+        image, self._geometry[index] = self._volume(index, path, mask=False)
+        self._affines[index] = self._geometry[index].affine
+        self._shapes[index] = image.shape
+        return image
+
+    def geometry(self, index: int) -> VolumeGeometry:
+        """Affine, spacing and orientation of row ``index``, and the way back to its file's grid."""
+        if index not in self._geometry:
+            self.load_image(index)
+        return self._geometry[index]
+
+    def affine(self, index: int) -> np.ndarray:
+        return self.geometry(index).affine.copy()
+
+    def load_mask(self, index: int) -> np.ndarray:
+        rec = self.records[index]
+        if rec.mask_path is None or volume_kind(rec.mask_path) == "unknown" or file_kind(rec.mask_path) == "pil":
+            return super().load_mask(index)
+        mask, geom = self._volume(index, rec.mask_path, mask=True)
+        image = self.geometry(index)
+        if not geom.agrees(image):
+            raise DataError(f"{rec.mask_path}: mask grid {geom.shape} (affine {np.round(geom.affine, 3).tolist()}) "
+                            f"differs from its image {rec.image_path} {image.shape} (affine "
+                            f"{np.round(image.affine, 3).tolist()}) [listed in {self._where(index)}]")
+        if self.num_classes is not None and mask.size and (mask.min() < 0 or mask.max() >= self.num_classes):
+            vals = np.unique(mask[(mask < 0) | (mask >= self.num_classes)])[:10]
+            raise DataError(f"{rec.mask_path}: mask has values {', '.join(str(int(v)) for v in vals)} outside "
+                            f"0..{self.num_classes - 1} (num_classes={self.num_classes})")
+        return mask
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -177,68 +262,106 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _class_labels(path: Path, column: str, cells: list[tuple[int, str]], class_names: list[str] | None
-                  ) -> tuple[list[int], str, tuple[str, ...]]:
-    """Parse one label column into (labels, kind, class names)."""
+#: cell values that mean "no value" in CSV exports (pandas' default NA strings): never a class by accident
+MISSING_TOKENS = frozenset({"nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
+
+
+class _RowProblems:
+    """Problems of single manifest rows. Building normally, the first one is raised at once;
+    under ``medprobe data check`` (:func:`collect_problems`) every one is recorded and its row
+    left out, so the check lists them all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bad: set[int] = set()
+        self._problems = Problems("manifest")
+
+    def add(self, row: int, message: str) -> None:
+        text = f"{self.path}: row {row}: {message}"
+        if not collecting():
+            raise DataError(text)
+        self.bad.add(row)
+        self._problems.add(text)
+
+
+def _class_labels(path: Path, column: str, cells: list[tuple[int, str]], class_names: list[str] | None,
+                  problems: _RowProblems) -> tuple[dict[int, int], str, tuple[str, ...]]:
+    """Parse one label column into ({row: label}, kind, class names); bad rows go to ``problems``."""
+    good: list[tuple[int, str]] = []
     for row, v in cells:
         if _is_empty(v):
-            raise DataError(f"{path}: row {row}: empty value in label column {column!r}")
-    values = [v.strip() for _, v in cells]
-    nums = [_number(v) for v in values]
+            problems.add(row, f"empty value in label column {column!r}")
+        elif v.strip().lower() in MISSING_TOKENS and v.strip() not in (class_names or ()):
+            problems.add(row, f"label {v.strip()!r} in column {column!r} is a missing value, not a class; every "
+                              f"row needs a label (remove the row, or use task=none for unlabelled images)")
+        else:
+            good.append((row, v.strip()))
+    if not good:
+        raise DataError(f"{path}: no row has a usable label in column {column!r}")
+    nums = [_number(v) for _, v in good]
+    labels: dict[int, int] = {}
     if all(x is not None for x in nums):
-        for (row, v), x in zip(cells, nums):
+        ints: dict[int, int] = {}
+        for (row, v), x in zip(good, nums):
             if x != int(x):  # type: ignore[arg-type]
-                raise DataError(f"{path}: row {row}: label {v.strip()!r} in column {column!r} is not an integer class "
-                                f"(0..C-1) or a class name")
-        ints = [int(x) for x in nums]  # type: ignore[arg-type]
+                problems.add(row, f"label {v!r} in column {column!r} is not an integer class (0..C-1) or a class "
+                                  f"name")
+            else:
+                ints[row] = int(x)  # type: ignore[arg-type]
+        values = set(ints.values())
         if class_names:
             names = tuple(class_names)
-        elif set(ints) <= {0, 1}:
+        elif values <= {0, 1}:
             names = ("0", "1")
         else:
-            if min(ints) > 0:
-                raise DataError(f"{path}: labels in column {column!r} are {min(ints)}..{max(ints)}; class labels must "
-                                f"be 0..C-1 (renumber them, or pass class_names to declare all classes)")
-            names = tuple(str(i) for i in range(max(ints) + 1))
-        for (row, v), x in zip(cells, ints):
+            if min(values) > 0:
+                raise DataError(f"{path}: labels in column {column!r} are {min(values)}..{max(values)}; class labels "
+                                f"must be 0..C-1 (renumber them, or pass class_names to declare all classes)")
+            names = tuple(str(i) for i in range(max(values) + 1))
+        for row, x in ints.items():
             if not 0 <= x < len(names):
-                raise DataError(f"{path}: row {row}: label {x} in column {column!r} outside 0..{len(names) - 1}"
-                                f"{' for class_names ' + str(list(names)) if class_names else ''}")
-        labels = ints
+                problems.add(row, f"label {x} in column {column!r} outside 0..{len(names) - 1}"
+                                  f"{' for class_names ' + str(list(names)) if class_names else ''}")
+            else:
+                labels[row] = x
     else:
-        names = tuple(class_names) if class_names else tuple(sorted(set(values)))
+        names = tuple(class_names) if class_names else tuple(sorted({v for _, v in good}))
         index = {n: i for i, n in enumerate(names)}
-        for row, v in cells:
-            if v.strip() not in index:
-                raise DataError(f"{path}: row {row}: label {v.strip()!r} in column {column!r} is not one of the "
-                                f"class_names {list(names)}")
+        for row, v in good:
+            if v not in index:
+                problems.add(row, f"label {v!r} in column {column!r} is not one of the class_names {list(names)}")
+            else:
+                labels[row] = index[v]
         if len(names) < 2:
             raise DataError(f"{path}: column {column!r} has a single class {names[0]!r}; pass class_names to declare "
                             f"all classes")
-        labels = [index[v] for v in values]
     if len(names) < 2:
         raise ConfigError(f"class_names must name at least 2 classes, got {list(names)}")
     return labels, ("binary" if len(names) == 2 else "multiclass"), names
 
 
-def _multilabel(path: Path, columns: list[str], cols: dict[str, list[tuple[int, str]]]) -> list[tuple[int, ...]]:
-    out: list[list[int]] = [[] for _ in cols[columns[0]]]
+def _multilabel(columns: list[str], cols: dict[str, list[tuple[int, str]]], problems: _RowProblems
+                ) -> dict[int, tuple[int, ...]]:
+    """{row: multi-hot tuple} from several 0/1 columns; bad rows go to ``problems``."""
+    out: dict[int, list[int]] = {row: [] for row, _ in cols[columns[0]]}
     for c in columns:
-        for k, (row, v) in enumerate(cols[c]):
+        for row, v in cols[c]:
             if _is_empty(v):
-                raise DataError(f"{path}: row {row}: empty value in label column {c!r}")
+                problems.add(row, f"empty value in label column {c!r}")
+                continue
             x = _number(v.strip())
             if x not in (0, 1):
-                raise DataError(f"{path}: row {row}: value {v.strip()!r} in label column {c!r}; multi-label columns "
-                                f"must hold 0 or 1")
-            out[k].append(int(x))  # type: ignore[arg-type]
-    return [tuple(v) for v in out]
+                problems.add(row, f"value {v.strip()!r} in label column {c!r}; multi-label columns must hold 0 or 1")
+                continue
+            out[row].append(int(x))  # type: ignore[arg-type]
+    return {row: tuple(v) for row, v in out.items() if len(v) == len(columns)}
 
 
 @register_adapter("manifest", "Your own images listed in a CSV (2D/3D; classification or segmentation)", DETAILS)
 def build_manifest(root: Path | None, labels: list[str] | str | None = None, class_names: list[str] | None = None,
                    task: str = "auto", ndim: int | None = None, num_classes: int | None = None,
-                   slice_axis: int = 2) -> ImageDataset:
+                   slice_axis: int = 2, orientation: str = "canonical", spacing: Any = None,
+                   window: Any = None) -> ImageDataset:
     """Build a dataset from the manifest CSV ``root``."""
     path = require_root("manifest", root, "the path of a CSV file listing images (columns image, split, label, ...)")
     if not path.is_file():
@@ -248,6 +371,9 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
     names_opt = options_list(class_names, "class_names")
     task = choice_option("task", task, ("auto", "classification", "segmentation", "none"))
     slice_axis = int_option("slice_axis", slice_axis, choices=(0, 1, 2))
+    orientation = choice_option("orientation", orientation, ("canonical", "file"))
+    spacing = spacing_option(spacing, "option spacing")
+    window_range(window, "option window")  # checked now; a volume dataset applies it as its value_range
     if ndim is not None:
         ndim = int_option("ndim", ndim, choices=(2, 3))
     if num_classes is not None:
@@ -273,26 +399,30 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
     col = {c: [(n, cells[i]) for n, cells in rows] for i, c in enumerate(header)}
     base = path.parent
 
-    # paths, splits, duplicates, existence
-    images, masks, splits, missing = [], [], [], []
+    # paths, splits, duplicates, existence (row by row; see _RowProblems)
+    problems = _RowProblems(path)
+    images: dict[int, Path] = {}
+    masks: dict[int, Path | None] = {}
+    splits: dict[int, str] = {}
+    missing: list[tuple[int, str, Path]] = []
     seen: dict[str, int] = {}
     for k, (n, _) in enumerate(rows):
         raw = col["image"][k][1].strip()
         if not raw:
-            raise DataError(f"{path}: row {n}: empty 'image' value")
+            problems.add(n, "empty 'image' value")
+            continue
         if raw in seen:
-            raise DataError(f"{path}: row {n}: image {raw!r} is already listed in row {seen[raw]}")
+            problems.add(n, f"image {raw!r} is already listed in row {seen[raw]}")
+            continue
         seen[raw] = n
         split = col["split"][k][1].strip().lower()
         if split not in SPLITS:
-            raise DataError(f"{path}: row {n}: unknown split {col['split'][k][1].strip()!r}; expected train, val or "
-                            f"test")
-        splits.append(split)
+            problems.add(n, f"unknown split {col['split'][k][1].strip()!r}; expected train, val or test")
+            continue
         img = Path(raw).expanduser()
         img = img if img.is_absolute() else base / img
-        images.append(img)
-        if not img.is_file():
-            missing.append(f"row {n} image {raw}")
+        if not (img.is_file() or (img.is_dir() and ndim != 2)):  # a folder: a DICOM series
+            missing.append((n, f"image {raw}", img))
         mask = None
         if "mask" in header:
             mraw = col["mask"][k][1].strip()
@@ -300,43 +430,54 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
                 mask = Path(mraw).expanduser()
                 mask = mask if mask.is_absolute() else base / mask
                 if not mask.is_file():
-                    missing.append(f"row {n} mask {mraw}")
+                    missing.append((n, f"mask {mraw}", mask))
             elif task == "segmentation":
-                raise DataError(f"{path}: row {n}: empty 'mask' value (segmentation needs a mask for every row)")
-        masks.append(mask)
-    if missing:
+                problems.add(n, "empty 'mask' value (segmentation needs a mask for every row)")
+                continue
+        images[n], masks[n], splits[n] = img, mask, split
+    if missing and not collecting():
+        shown = "; ".join(f"row {n} {what}" for n, what, _ in missing[:10])
         more = f"; and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise DataError(f"{path}: {len(missing)} listed file(s) not found (paths are relative to the CSV folder "
-                        f"{base}): {'; '.join(missing[:10])}{more}")
+                        f"{base}): {shown}{more}")
+    for n, what, where in missing:
+        problems.add(n, f"{what} is listed but not found (looked for {where})")
 
-    # labels and task
-    label_values: list[Any]
+    # labels and task (rows that passed the checks above)
+    listed = {n: k for k, (n, _) in enumerate(rows) if n in images}
+    cells = {c: [(n, col[c][k][1]) for n, k in listed.items()] for c in label_cols}
+    label_values: dict[int, Any]
     if task == "classification":
         if len(label_cols) == 1:
-            label_values, kind, names = _class_labels(path, label_cols[0], col[label_cols[0]], names_opt)
+            label_values, kind, names = _class_labels(path, label_cols[0], cells[label_cols[0]], names_opt, problems)
         else:
-            label_values = _multilabel(path, label_cols, col)
+            label_values = _multilabel(label_cols, cells, problems)
             kind, names = "multilabel", tuple(names_opt or label_cols)
             if len(names) != len(label_cols):
                 raise ConfigError(f"class_names has {len(names)} names for {len(label_cols)} label columns")
         spec = TaskSpec(kind, names)  # type: ignore[arg-type]
     else:
-        label_values = [None] * len(rows)
+        label_values = {n: None for n in listed}
         spec = TaskSpec("none")
-    meta_cols = [c for c in header if c not in {"image", "mask", "split", "patient_id"} and c
+    keep = [(n, k) for n, k in listed.items() if n not in problems.bad and n in label_values]
+    if not keep:
+        raise DataError(f"{path}: no usable rows (every row has a problem)")
+    meta_cols = [c for c in header if c not in {"image", "mask", "split", "patient_id", "report"} and c
                  and not (task == "classification" and c in label_cols)]
-    meta = {c: _parse_metadata([v for _, v in col[c]]) for c in meta_cols}
+    meta = {c: _parse_metadata([col[c][k][1] for _, k in keep]) for c in meta_cols}
     records = []
-    for k, (n, _) in enumerate(rows):
+    for j, (n, k) in enumerate(keep):
         raw = col["image"][k][1].strip()
         pid = col["patient_id"][k][1].strip() if "patient_id" in header else ""
-        records.append(Record(raw, splits[k], pid or raw, label_values[k], {c: meta[c][k] for c in meta_cols},
-                              str(images[k]), str(masks[k]) if masks[k] is not None else None))
+        report = col["report"][k][1].strip() if "report" in header else ""
+        records.append(Record(raw, splits[n], pid or raw, label_values[n], {c: meta[c][j] for c in meta_cols},
+                              str(images[n]), str(masks[n]) if masks[n] is not None else None,
+                              report=report or None))
 
     # dimensionality from the first image
     if ndim is None:
-        first = images[0]
-        if file_kind(first) == "nifti":
+        first = images[keep[0][0]]
+        if file_kind(first) in ("nifti", "itk") or first.is_dir():
             ndim = 3
         else:
             arr = read_image(first)
@@ -345,11 +486,20 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
         if num_classes is None and names_opt:
             num_classes = len(names_opt)
         if num_classes is None:  # read every mask once to find the largest label
-            top = max(int(read_mask(m, slice_axis).max()) for m in masks if m is not None)
+            top = max(int(read_mask(m, slice_axis).max()) for m in (masks[n] for n, _ in keep) if m is not None)
             num_classes = max(2, top + 1)
         if names_opt and len(names_opt) != num_classes:
             raise ConfigError(f"class_names has {len(names_opt)} names but num_classes is {num_classes}")
         spec = TaskSpec("segmentation", tuple(names_opt or ["background"] + [f"class_{i}"
                                                                          for i in range(1, num_classes)]))
-    return ManifestDataset(path, records, spec, [n for n, _ in rows], ndim, slice_axis,
-                           num_classes if task == "segmentation" else None)
+    args = (path, records, spec, [n for n, _ in keep], ndim, slice_axis, num_classes if task == "segmentation" else None)
+    if ndim == 3 and orientation == "canonical":
+        return CanonicalVolumes(*args, spacing=spacing, window=window)
+    if spacing is not None:
+        raise ConfigError(f"option spacing resamples volumes read with orientation=canonical "
+                          f"(this manifest: ndim={ndim}, orientation={orientation})")
+    ds = ManifestDataset(*args)
+    if window is not None:  # e.g. 2D CT DICOM slices in Hounsfield units
+        ds.value_range = window_range(window, "option window")
+        ds.source += f"|intensity={describe_intensity(window)}"
+    return ds

@@ -15,9 +15,16 @@ Task: segmentation of the classes in dataset.json "labels" (0 = background). Tas
   Task10_Colon         CT: colon cancer primaries
 Multi-channel tasks (4D images): channel= picks the modality index (default 0; its
 name is in dataset.json "modality").
-Modality: CT (Hounsfield units) or MRI, NIfTI .nii.gz volumes read as (D, H, W) with
-D the third NIfTI axis; dataset.affine(i) gives the voxel-to-world affine in that
-order (value_range None).
+Modality: CT (Hounsfield units) or MRI, NIfTI .nii.gz volumes.
+Geometry: volumes are brought to one canonical orientation (orientation=canonical,
+default; from the affine, via RAS) and laid out as axial slices (D, H, W) in the
+radiological convention (D inferior->superior, anterior up, patient's right on the
+left); orientation=file keeps the file's axes with D the third NIfTI axis.
+spacing=[d, h, w] (mm) resamples images (linear) and label maps (nearest).
+dataset.affine(i) / dataset.geometry(i) give the voxel-to-world affine in the
+returned order. Intensity: CT tasks take window=[center, width] (Hounsfield units)
+or a preset (lung, mediastinum, abdomen, bone, brain); without it (and for MRI)
+each volume is scaled by its own percentiles.
 Official split: the labelled "training" cases only; the "test" cases have no public
 labels and are not used.
 Licence: CC BY-SA 4.0.
@@ -40,11 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import int_option, register_adapter
+from medprobe.data.adapters import choice_option, int_option, register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.readers import nifti_affine, read_nifti
+from medprobe.data.volume import (PLANES, VolumeGeometry, describe_intensity, read_volume, spacing_option,
+                                  window_range)
 from medprobe.errors import ConfigError, DataError
 
 NAME = "msd"
@@ -113,14 +122,35 @@ def case_name(path: Path) -> str:
 
 
 class DecathlonDataset(PublicDataset):
-    """NIfTI volumes (D, H, W) with label maps; ``channel`` selects a modality of 4D images."""
+    """NIfTI volumes (D, H, W) with label maps; ``channel`` selects a modality of 4D images.
 
-    def __init__(self, *args: Any, channel: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, ndim=3, **kwargs)
+    ``orientation="canonical"`` (the adapters' default) reads through
+    :func:`~medprobe.data.volume.read_volume` (canonical axial layout, ``spacing`` resampling,
+    geometry per case); ``"file"`` keeps the file's axes. ``window`` sets a fixed Hounsfield
+    ``value_range``. Orientation, spacing and intensity policy are part of the fingerprint.
+    """
+
+    def __init__(self, *args: Any, channel: int | None = None, orientation: str = "file",
+                 spacing: tuple[float, float, float] | None = None, window: Any = None, **kwargs: Any) -> None:
+        notes = list(kwargs.pop("notes", []))
+        if orientation == "canonical":
+            notes.append(f"orientation=canonical({PLANES[2]})")
+            notes.append(f"spacing={list(spacing) if spacing else 'native'}")
+        elif spacing is not None:
+            raise ConfigError("option spacing resamples volumes read with orientation=canonical")
+        notes.append(f"intensity={describe_intensity(window)}")
+        super().__init__(*args, ndim=3, notes=notes, value_range=window_range(window, "option window"), **kwargs)
         self.channel = channel
+        self.orientation = orientation
+        self.spacing = spacing
+        self.window = window
+        self._geometry: dict[int, VolumeGeometry] = {}
 
     def read_image(self, index: int) -> np.ndarray:
         path = Path(self.records[index].image_path or "")
+        if self.orientation == "canonical":
+            image, self._geometry[index] = read_volume(path, spacing=self.spacing, channel=self.channel)
+            return image
         if self.channel is None:
             return read_nifti(path, SLICE_AXIS)[0]
         import nibabel as nib
@@ -142,10 +172,29 @@ class DecathlonDataset(PublicDataset):
 
     def read_mask(self, index: int) -> np.ndarray:
         from medprobe.data.readers import read_mask
-        return read_mask(self.records[index].mask_path or "", SLICE_AXIS)
+        path = self.records[index].mask_path or ""
+        if self.orientation != "canonical":
+            return read_mask(path, SLICE_AXIS)
+        mask, geom = read_volume(path, spacing=self.spacing, mask=True)
+        image = self.geometry(index)
+        if not geom.agrees(image):
+            raise DataError(f"{path}: label map grid {geom.shape} (affine {np.round(geom.affine, 3).tolist()}) "
+                            f"differs from its image {self.records[index].image_path} {image.shape} (affine "
+                            f"{np.round(image.affine, 3).tolist()})")
+        return mask
+
+    def geometry(self, index: int) -> VolumeGeometry:
+        """Affine, spacing and orientation of record ``index`` and the way back to its file (canonical reading)."""
+        if self.orientation != "canonical":
+            raise DataError(f"{self.name}: geometry is recorded with orientation=canonical")
+        if index not in self._geometry:
+            self.load_image(index)
+        return self._geometry[index]
 
     def affine(self, index: int) -> np.ndarray:
         """Voxel-to-world 4x4 affine of record ``index`` in (D, H, W) order."""
+        if self.orientation == "canonical":
+            return self.geometry(index).affine.copy()
         return nifti_affine(self.records[index].image_path or "", SLICE_AXIS)
 
 
@@ -165,10 +214,12 @@ def decathlon_records(folder: Path, cases: list[tuple[str, Path, Path]], split: 
 @register_adapter(NAME, "Medical Segmentation Decathlon task folders (3D CT/MRI segmentation, dataset.json)",
                   details(__doc__, official=False))
 def build_msd(root: Path | None, channel: int = 0, split: str = "systematic", split_seed: int = 0,
-              split_fractions: Any = DEFAULT_FRACTIONS, missing: str = "error") -> ImageDataset:
+              split_fractions: Any = DEFAULT_FRACTIONS, missing: str = "error", orientation: str = "canonical",
+              spacing: Any = None, window: Any = None) -> ImageDataset:
     """Build one Decathlon task from its Task folder ``root``."""
     folder = folder_root(NAME, root, "a Decathlon Task folder (e.g. Task09_Spleen) holding dataset.json")
     channel = int_option("channel", channel, minimum=0)
+    geometry = geometry_options(orientation, spacing, window)
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     presence = Presence(missing, problems)
@@ -183,6 +234,9 @@ def build_msd(root: Path | None, channel: int = 0, split: str = "systematic", sp
         raise ConfigError(f"option channel={channel}, but {json_path} lists {len(modalities)} modalities: "
                           f"{', '.join(f'{i}={m}' for i, m in enumerate(modalities))}")
     chosen = modalities[channel if multi else 0] if modalities else None
+    if window is not None and str(chosen or "").upper() != "CT":
+        raise ConfigError(f"option window: Hounsfield windows apply to CT, but {json_path} gives modality "
+                          f"{chosen!r} for channel {channel if multi else 0}; leave window out (percentile scaling)")
     drafts, where = decathlon_records(folder, case_list(meta, "training", json_path, problems, folder), "",
                                       presence, {"modality": chosen})
     problems.check()
@@ -191,5 +245,12 @@ def build_msd(root: Path | None, channel: int = 0, split: str = "systematic", sp
     ds = DecathlonDataset(NAME, folder, records, TaskSpec("segmentation", classes), where=where, policy=policy,
                           annotation_files=[json_path], name=f"msd_{folder.name}",
                           notes=[f"task={task_name}", f"channel={channel}" if multi else "", presence.note()],
-                          channel=channel if multi else None)
+                          channel=channel if multi else None, **geometry)
     return finish(ds, problems)
+
+
+def geometry_options(orientation: Any, spacing: Any, window: Any) -> dict[str, Any]:
+    """The checked ``orientation``, ``spacing`` and ``window`` options of a volume adapter."""
+    orientation = choice_option("orientation", orientation, ("canonical", "file"))
+    window_range(window, "option window")
+    return {"orientation": orientation, "spacing": spacing_option(spacing, "option spacing"), "window": window}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medprobe.data.base import ImageDataset
+from medprobe.data.base import ImageDataset, record_metadata
 from medprobe.data.preprocess import Preprocessor
 from medprobe.errors import DataError
 from medprobe.features.extract import prefetch
@@ -47,6 +47,10 @@ class Source:
     labels: np.ndarray
     task: str
     in_memory: bool = True  # False: batches are read from the dataset in a background thread
+    #: per-sample record keys and patient ids in source order (None when unknown); predictions are stored by them
+    sample_keys: list[str] | None = None
+    patient_ids: list[str] | None = None
+    metadata: dict[str, list] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,6 +89,10 @@ class ImageSource(Source):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.task = dataset.task.kind
         self.labels = dataset.labels(self.indices)
+        records = [dataset.records[i] for i in self.indices]
+        self.sample_keys = [r.key for r in records]
+        self.patient_ids = [r.patient_id for r in records]
+        self.metadata = record_metadata(records)
         self.volumetric = dataset.ndim == 3
         self._cache: torch.Tensor | list[torch.Tensor] | None = None
         self.in_memory = False

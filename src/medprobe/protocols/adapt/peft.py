@@ -1,8 +1,12 @@
 """Parameter-efficient adaptation: LoRA (through the ``peft`` library) and BitFit.
 
 LoRA adds trainable low-rank updates to the chosen linear/conv layers inside the backbone's
-blocks (``qkv``, ``proj``, ``fc1``, ``fc2`` by default, as in DINOv2 / timm ViTs); BitFit
-trains only the bias terms. In both the classification head stays trainable.
+blocks. The default targets are the attention and MLP layers of the backbone's family
+(:meth:`default_lora_targets`: ``qkv``/``proj``/``fc1``/``fc2`` in timm ViTs,
+``q_proj``/``k_proj``/``v_proj``/``o_proj``/``fc1``/``fc2`` in transformers' Dinov2/ViT,
+the attention module and ``c_fc``/``c_proj`` in open_clip towers); every default target must
+exist in the backbone, else a ConfigError (never a silent subset). BitFit trains only the bias
+terms. In both the classification head stays trainable.
 """
 from __future__ import annotations
 
@@ -13,8 +17,14 @@ from torch import nn
 from medprobe.backbones.base import Backbone
 from medprobe.errors import ConfigError
 
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-_LORA_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")  # timm ViTs
+_LORA_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.MultiheadAttention)
+
+
+def default_lora_targets(backbone: Backbone) -> tuple[str, ...]:
+    """The attention and MLP layer names of the backbone's family (``Backbone.lora_targets``)."""
+    targets = tuple(getattr(backbone, "lora_targets", ()) or ())
+    return targets or DEFAULT_LORA_TARGETS
 
 
 def _block_prefixes(backbone: Backbone) -> list[str]:
@@ -42,18 +52,18 @@ def _describe_names(modules: dict[str, str], limit: int = 30) -> str:
 def lora_target_names(backbone: Backbone, targets: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Full module names matching ``targets`` (by last name component or dotted suffix) and the unmatched targets.
 
-    Raises :class:`ConfigError` listing the backbone's module names when nothing matches, or
-    when explicitly given targets (``targets`` not None) match nothing.
+    Raises :class:`ConfigError` listing the backbone's module names when any target (given, or
+    the family's defaults) matches nothing: a target set must fit the family.
     """
     modules = adaptable_modules(backbone)
-    wanted = list(targets) if targets is not None else list(DEFAULT_LORA_TARGETS)
+    wanted = list(targets) if targets is not None else list(default_lora_targets(backbone))
 
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith("." + target)
 
     chosen = [name for name in modules if any(matches(name, t) for t in wanted)]
     unmatched = [t for t in wanted if not any(matches(name, t) for name in modules)]
-    if not chosen or (targets is not None and unmatched):
+    if not chosen or unmatched:
         what = ", ".join(unmatched) if chosen else ", ".join(wanted)
         have = _describe_names(modules) if modules else "(no linear or convolution layers)"
         raise ConfigError(f"targets: LoRA target module(s) {what} not found in backbone {backbone.name}; "

@@ -1,10 +1,11 @@
-"""Adaptation protocols: finetune, lora, bitfit, deit_head, freeze_blocks, first_blocks, scratch, volume_probe.
+"""Adaptation protocols: finetune, lora, bitfit, deit_head, freeze_blocks, first_blocks, scratch.
 
 Each protocol only *builds* its model (which parameters exist and which train); training,
 model selection, test scoring and the records (trainable parameters, wall time, inference
 time, peak memory, epochs to best) are shared (:func:`train_and_score`, one loop in
 :mod:`.training`). 3D datasets work with every protocol: slices are encoded in batches and
-pooled per volume (mean, max or attention) before the head.
+pooled per volume (mean, max or attention) before the head. The frozen 3D probe on cached
+slice embeddings (``volume_probe``) lives in :mod:`medprobe.protocols.volume`.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
 from medprobe.metrics import MetricValue, classification_metrics
 from medprobe.protocols.adapt.augment import DEFAULT_AUGMENT, AugmentSpec, Augmenter
-from medprobe.protocols.adapt.data import EmbeddingSource, ImageSource, Source
+from medprobe.protocols.adapt.data import ImageSource, Source
 from medprobe.protocols.adapt.models import (AppendedDeiT, BackboneEncoder, Classifier, count_params, layer_ids,
                                              small_input_stem)
 from medprobe.protocols.adapt.peft import apply_bitfit, apply_lora
-from medprobe.protocols.adapt.training import FitResult, TrainConfig, balanced_weights, fit, predict
-from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult, register_protocol
+from medprobe.protocols.adapt.training import FitResult, TrainConfig, balanced_weights, fit, latency_batch1, predict
+from medprobe.predictions import Predictions, classification_predictions
+from medprobe.protocols.base import Protocol, Unit, UnitContext, UnitResult, register_protocol
 
 CLASSIFICATION = ("binary", "multiclass", "multilabel")
 IMAGE_CACHE_MB = 4096.0  # prepared images kept in memory (float16) per dataset; larger sets are streamed
@@ -43,11 +45,12 @@ class TrainOptions:
     """Options shared by every trainable protocol (keys under ``protocols.<name>:``)."""
 
     epochs: int = 10
-    lr: float = 1e-3
+    lr: list[float] = field(default_factory=lambda: [1e-3])  # several values: one unit each, chosen on val
     backbone_lr: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    schedule: Literal["cosine", "constant", "step", "plateau"] = "cosine"
+    plateau_patience: int = 2  # schedule=plateau: evaluations without improvement before lr /= 10
     layer_decay: float = 1.0
     grad_clip: float | None = 1.0
     optimizer: Literal["adamw", "adam"] = "adamw"
@@ -70,7 +73,9 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
-        require(self.lr > 0, f"lr: the learning rate must be > 0, got {self.lr}")
+        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
+        require(len(lrs) > 0 and all(v > 0 for v in lrs), f"lr: every learning rate must be > 0, got {self.lr}")
+        require(self.plateau_patience >= 1, f"plateau_patience: must be >= 1, got {self.plateau_patience}")
         require(self.backbone_lr is None or self.backbone_lr > 0,
                 f"backbone_lr: the learning rate must be > 0 (or left out), got {self.backbone_lr}")
         require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
@@ -150,8 +155,23 @@ def record_metrics(result: FitResult, trainable: int, total: int, inference_s: f
         MetricValue("train_s_to_best", result.train_s_to_best),
         MetricValue("epochs_to_best", result.best_epoch),
         MetricValue("inference_ms_per_sample", 1000.0 * inference_s / max(1, n_test)),
+        MetricValue("val_score", result.best_score, note=f"selected on {result.selected_on}"),
         MetricValue("peak_memory_mb", result.peak_memory_mb, note=result.memory_kind),
     ]
+
+
+def unit_lr(options: Any) -> float:
+    """The one learning rate of a unit's options (a grid is narrowed to the unit's value before training)."""
+    lr = options.lr
+    if isinstance(lr, list):
+        if len(lr) != 1:
+            raise ValueError(f"a unit trains with one learning rate, got {lr}")
+        return float(lr[0])
+    return float(lr)
+
+
+def _lr_label(params: dict[str, Any]) -> str:
+    return f" lr={params['lr']:g}" if "lr_grid" in params else ""
 
 
 def train_and_score(model: Classifier, sources: dict[str, Source], options: TrainOptions, ctx: UnitContext,
@@ -165,9 +185,10 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
     task = ctx.dataset.task.kind
     volumetric = ctx.dataset.ndim == 3  # a batch is `batch_size` volumes: evaluate with the same
     ckpt = ctx.work_dir / "best.pt" if options.save_checkpoint else None
-    cfg = TrainConfig(epochs=options.epochs, lr=options.lr, backbone_lr=backbone_lr,
+    cfg = TrainConfig(epochs=options.epochs, lr=unit_lr(options), backbone_lr=backbone_lr,
                       weight_decay=options.weight_decay, warmup_epochs=options.warmup_epochs,
-                      schedule=options.schedule, layer_decay=options.layer_decay,
+                      schedule=options.schedule, plateau_patience=getattr(options, "plateau_patience", 2),
+                      layer_decay=options.layer_decay,
                       grad_clip=options.grad_clip or None, optimizer=options.optimizer, batch_size=batch_size,
                       eval_batch_size=batch_size if volumetric else max(batch_size, ctx.batch_size),
                       patience=options.patience,
@@ -181,7 +202,13 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
     scores, _, seconds = predict(model, test, cfg, task)
     metrics = classification_metrics(test.labels, scores, task, ctx.dataset.task.class_names,
                                      bootstrap=ctx.bootstrap, seed=unit.seed)
+    split_scores = {"test": scores}
+    if sources.get("val") is not None and len(sources["val"]):
+        split_scores["val"] = predict(model, sources["val"], cfg, task)[0]
+    predictions = source_predictions(sources, split_scores, task, ctx.dataset.task.class_names)
     metrics += record_metrics(result, trainable, total, seconds, len(test))
+    metrics.append(MetricValue("inference_latency_ms_b1", latency_batch1(model, test, cfg),
+                               note="median per-instance time at batch size 1, after one warm-up call"))
     out = dict(info or {})
     out.update(trainable_params=trainable, total_params=total, best_epoch=result.best_epoch,
                best_val=result.best_score, selected_on=result.selected_on, epochs_run=result.epochs_run,
@@ -193,30 +220,49 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
                test_samples=len(test))
     if ckpt is not None:
         out["checkpoint"] = str(ckpt)
-    return UnitResult(metrics, out)
+    return UnitResult(metrics, out, predictions=predictions)
+
+
+def source_predictions(sources: dict[str, Source], scores: dict[str, np.ndarray], task: str,
+                       class_names: Any) -> Predictions | None:
+    """Per-sample predictions of the scored splits (None when a source does not know its samples)."""
+    if any(sources[s].sample_keys is None for s in scores):
+        return None
+    parts = {s: (sources[s].sample_keys, sources[s].patient_ids, sources[s].labels, sc) for s, sc in scores.items()}
+    return classification_predictions(task, class_names, parts,
+                                      metadata={s: sources[s].metadata or {} for s in scores})
 
 
 # --------------------------------------------------------------------------- base protocol
 class AdaptProtocol(Protocol):
     """A trainable protocol: subclasses build the model, the shared code trains and scores it."""
 
-    frozen = False
     Options: ClassVar[type] = TrainOptions
     backbone_lr_ratio: ClassVar[float] = 0.1  # default backbone_lr = lr * ratio
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.expands = {**cls.__dict__.get("expands", {}), "lr": "lr"}  # every trainable protocol sweeps lr
+        own = cls.__dict__.get("variant")
+        if own is not None:  # a unit of an lr grid is labelled with its lr
+            cls.variant = lambda self, params, _own=own: _own(self, params) + _lr_label(params)
+
     def sweep(self, options: Any) -> list[dict[str, Any]]:
-        """The settings one experiment expands into (one unit each, times the seeds)."""
+        """The settings one experiment expands into (one unit each, times the learning rates and seeds)."""
         return [{}]
 
     def units(self, options: Any, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
         base = options.describe()
-        return [Unit(self.name, {**base, **point}, s) for point in self.sweep(options) for s in seeds]
+        lrs = list(dict.fromkeys(options.lr if isinstance(options.lr, list) else [options.lr]))
+        grid = {"lr_grid": lrs} if len(lrs) > 1 else {}  # the report picks the best lr (val_score) of a grid
+        return [Unit(self.name, {**base, **point, **grid, "lr": lr}, s)
+                for point in self.sweep(options) for lr in lrs for s in seeds]
 
     def variant(self, params: dict[str, Any]) -> str:
-        return self.name
+        return self.name + _lr_label(params)
 
     def build(self, unit: Unit, options: Any, ctx: UnitContext) -> tuple[Classifier, Backbone, dict[str, Any]]:
         """The model to train (requires_grad set), the backbone whose preprocessing applies, and info."""
@@ -224,6 +270,7 @@ class AdaptProtocol(Protocol):
 
     def run(self, unit: Unit, options: Any, ctx: UnitContext) -> UnitResult:
         torch.manual_seed(unit.seed)
+        options = dataclasses.replace(options, lr=[float(unit.params["lr"])])  # this unit's value of the grid
         model, backbone, info = self.build(unit, options, ctx)
         pre = preprocessor_for(backbone, ctx.dataset, ctx.image_size)
         sources, how = _image_sources(ctx, pre, unit.seed)
@@ -231,7 +278,7 @@ class AdaptProtocol(Protocol):
         batch_size = options.volume_batch_size if volumetric else (options.batch_size or ctx.batch_size)
         info.update(image_size=pre.image_size, val_from=how, volumetric=volumetric,
                     pooling=options.pooling if volumetric else None)
-        backbone_lr = options.backbone_lr if options.backbone_lr is not None else options.lr * self.backbone_lr_ratio
+        backbone_lr = options.backbone_lr if options.backbone_lr is not None else unit_lr(options) * self.backbone_lr_ratio
         return train_and_score(model, sources, options, ctx, unit, augment=True, batch_size=batch_size,
                                backbone_lr=backbone_lr, info=info)
 
@@ -326,6 +373,7 @@ class DeiTHead(AdaptProtocol):
     summary = ("the foundation's patch tokens (frozen or unfrozen) projected into a DeiT classifier whose patch "
                "embedding is bypassed; its CLS token predicts")
     Options = DeiTOptions
+    expands = {"foundation": "foundation"}
 
     def sweep(self, options: DeiTOptions) -> list[dict[str, Any]]:
         return [{"foundation": m} for m in dict.fromkeys(options.foundation)]
@@ -344,11 +392,11 @@ class DeiTHead(AdaptProtocol):
 # --------------------------------------------------------------------------- progressive freezing
 @dataclass
 class FreezeOptions(TrainOptions):
-    k: list[int] = field(default_factory=list)
+    k: list[int | Literal["all"]] = field(default_factory=list)  # "all": every block frozen, only the head trains
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_k(self.k, "k")
+        _check_k([0 if k == "all" else k for k in self.k], "k")
 
 
 def _check_blocks(k: int, bb: Backbone, key: str) -> None:
@@ -361,6 +409,7 @@ class FreezeBlocks(AdaptProtocol):
     name = "freeze_blocks"
     summary = "progressive freezing: the embeddings and first k blocks frozen, the rest fine-tuned (sweep over k)"
     Options = FreezeOptions
+    expands = {"k": "k"}
 
     def sweep(self, options: FreezeOptions) -> list[dict[str, Any]]:
         return [{"k": k} for k in dict.fromkeys(options.k)]
@@ -370,11 +419,11 @@ class FreezeBlocks(AdaptProtocol):
 
     def build(self, unit: Unit, options: FreezeOptions, ctx: UnitContext):
         bb = ctx.backbone()
-        k = int(unit.params["k"])
+        k = bb.num_blocks if unit.params["k"] == "all" else int(unit.params["k"])
         _check_blocks(k, bb, "k")
         ids = layer_ids(bb)
-        for name, p in bb.named_parameters():
-            p.requires_grad_(k == 0 or ids[name] > k)
+        for name, p in bb.named_parameters():  # k = every block: the final norm stays frozen too, only the head trains
+            p.requires_grad_(k == 0 or (k < bb.num_blocks and ids[name] > k))
         return self.classifier(BackboneEncoder(bb, options.head_input), options, ctx), bb, {"frozen_blocks": k}
 
 
@@ -395,6 +444,7 @@ class FirstBlocks(AdaptProtocol):
     name = "first_blocks"
     summary = "decapitation: only the first k blocks kept as the feature extractor (frozen or fine-tuned)"
     Options = FirstBlocksOptions
+    expands = {"k": "k", "foundation": "foundation"}
 
     def sweep(self, options: FirstBlocksOptions) -> list[dict[str, Any]]:
         return [{"k": k, "foundation": m} for k in dict.fromkeys(options.k) for m in dict.fromkeys(options.foundation)]
@@ -427,9 +477,7 @@ class Scratch(AdaptProtocol):
     backbone_lr_ratio = 1.0
 
     def build(self, unit: Unit, options: ScratchOptions, ctx: UnitContext):
-        bc = ctx.backbone_config
-        bb = create_backbone(bc.name, "random", tiny=bool(getattr(bc, "tiny", False)),
-                             overrides=dict(getattr(bc, "overrides", None) or {}))
+        bb = ctx.backbone_config.build(weights="random")
         size = ctx.image_size or bb.default_image_size
         stem = None
         if options.small_input_stem == "on" or (options.small_input_stem == "auto" and size <= 64):
@@ -438,82 +486,3 @@ class Scratch(AdaptProtocol):
         if str(getattr(bc, "weights", "random")) != "random":
             info["note"] = f"configured weights {bc.weights!r} ignored: scratch always starts from random weights"
         return self.classifier(BackboneEncoder(bb, options.head_input), options, ctx), bb, info
-
-
-# --------------------------------------------------------------------------- frozen 3D probe on cached slices
-@dataclass
-class VolumeProbeOptions:
-    pooling: list[Literal["mean", "max", "attention"]] = field(default_factory=lambda: ["mean", "max", "attention"])
-    epochs: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 16
-    patience: int | None = 10
-    select_metric: Literal["auroc", "accuracy", "loss"] = "auroc"
-
-    def __post_init__(self) -> None:
-        require(len(self.pooling) > 0, "pooling: give at least one of mean, max, attention")
-        require(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
-        require(self.lr > 0, f"lr: the learning rate must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
-        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
-        require(self.patience is None or self.patience >= 1, f"patience: must be >= 1 or null, got {self.patience}")
-
-    def describe(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("pooling")
-        return d
-
-
-def backbone_param_count(ctx: UnitContext) -> int:
-    """Parameters of the configured backbone, counted on the meta device (no weights loaded)."""
-    bc = ctx.backbone_config
-    try:
-        with torch.device("meta"):
-            bb = create_backbone(bc.name, "random", tiny=bool(getattr(bc, "tiny", False)),
-                                 overrides=dict(getattr(bc, "overrides", None) or {}))
-        return count_params(bb)[1]
-    except Exception:  # a family that cannot be built on the meta device: count for real
-        return count_params(ctx.backbone())[1]
-
-
-@register_protocol
-class VolumeProbe(Protocol):
-    name = "volume_probe"
-    summary = "frozen 3D probe: cached slice embeddings pooled per volume (mean, max or trained attention) + linear head"
-    Options = VolumeProbeOptions
-    frozen = True
-
-    def supports(self, dataset: ImageDataset) -> str | None:
-        if dataset.ndim != 3:
-            return f"needs a 3D dataset, {dataset.name} is 2D"
-        return _classification_only(dataset)
-
-    def variant(self, params: dict[str, Any]) -> str:
-        return f"volume_probe {params['pooling']}"
-
-    def units(self, options: VolumeProbeOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
-        base = options.describe()
-        return [Unit(self.name, {**base, "pooling": p}, s) for p in dict.fromkeys(options.pooling) for s in seeds]
-
-    def run(self, unit: Unit, options: VolumeProbeOptions, ctx: UnitContext) -> UnitResult:
-        torch.manual_seed(unit.seed)
-        store = ctx.features(FeatureNeeds(1))
-        block = store.block_index(1)[-1]
-        task = store.meta["task"]
-        sources: dict[str, Source] = {}
-        for split in ("train", "val", "test"):
-            if split in store.splits:
-                sources[split] = EmbeddingSource(store.tokens(split, "cls", block), store.array(split, "item_owner"),
-                                                 store.labels(split), task)
-        for split in ("train", "test"):
-            if split not in sources:
-                raise ConfigError(f"the feature store has no {split!r} split (it has {', '.join(store.splits)})")
-        dim = sources["train"].x.shape[1]
-        model = Classifier(None, dim, _class_count(ctx.dataset), pooling=unit.params["pooling"])
-        opts = TrainOptions(epochs=options.epochs, lr=options.lr, weight_decay=options.weight_decay, warmup_epochs=0,
-                            batch_size=options.batch_size, patience=options.patience,
-                            select_metric=options.select_metric, augment=[], grad_clip=None)
-        info = {"block": block, "pooling": unit.params["pooling"], "slices_train": int(len(sources["train"].x))}
-        return train_and_score(model, sources, opts, ctx, unit, augment=False, batch_size=options.batch_size,
-                               backbone_lr=None, extra_total=backbone_param_count(ctx), info=info)

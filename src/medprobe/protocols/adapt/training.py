@@ -44,7 +44,8 @@ class TrainConfig:
     backbone_lr: float | None = None  # None: same as lr
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    schedule: Literal["cosine", "constant", "step", "plateau"] = "cosine"
+    plateau_patience: int = 2  # schedule=plateau: evaluations without improvement before the lr is divided by 10
     layer_decay: float = 1.0
     grad_clip: float | None = 1.0
     optimizer: Literal["adamw", "adam"] = "adamw"
@@ -147,12 +148,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rates at optimizer step ``step`` (0-based)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
+    if schedule in ("constant", "plateau"):  # plateau: fit() divides by 10 when validation stalls
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "step":  # x0.1 at 50% and 75% of training (MedMNIST reference recipe)
         return 0.1 ** (int(progress >= 0.5) + int(progress >= 0.75))
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class PlateauScale:
+    """Reduce-on-plateau: the lr multiplier drops tenfold after ``patience`` evaluations without a new best."""
+
+    def __init__(self, patience: int, factor: float = 0.1) -> None:
+        self.patience, self.factor = patience, factor
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def update(self, score: float) -> None:
+        if score > self.best:
+            self.best, self.bad = score, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.scale *= self.factor
+            self.bad = 0
 
 
 # --------------------------------------------------------------------------- memory
@@ -245,6 +263,25 @@ def predict(model: nn.Module, source: Source, cfg: TrainConfig, task: str) -> tu
     return out.astype(np.float64), total_loss / max(1, len(source)), seconds
 
 
+@torch.inference_mode()
+def latency_batch1(model: nn.Module, source: Source, cfg: TrainConfig, repeats: int = 10) -> float:
+    """Median milliseconds to classify one instance (batch size 1) after a warm-up call."""
+    model.eval()
+    times: list[float] = []
+    n = min(repeats + 1, len(source))
+    for i, batch in enumerate(source.batches(1, device=cfg.device)):
+        if i >= n:
+            break
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        with autocast(cfg.precision, cfg.device):
+            model(batch)
+        _sync(cfg.device)
+        if i > 0 or n == 1:  # the first call warms up (allocations, kernels)
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times)) if times else math.nan
+
+
 def selection_score(labels: np.ndarray, scores: np.ndarray, loss: float, task: str, metric: SelectMetric) -> float:
     """Higher is better: the validation metric, or minus the loss."""
     if metric == "loss":
@@ -279,6 +316,7 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
     history: list[dict[str, float]] = []
     best = {"score": -math.inf, "step": 0, "state": None, "t": 0.0}
     bad_evals, stopped, step = 0, False, 0
+    plateau = PlateauScale(cfg.plateau_patience) if cfg.schedule == "plateau" else None
     memory = PeakMemory(device)
     t0 = time.perf_counter()
     with memory:
@@ -287,7 +325,7 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
             batches: Iterator[Batch] = train.batches(cfg.batch_size, shuffle=True, generator=generator, device=device,
                                                      augment=augment, drop_last=drop_last)
             for batch in batches:
-                factor = lr_factor(step, total, warmup, cfg.schedule)
+                factor = lr_factor(step, total, warmup, cfg.schedule) * (plateau.scale if plateau else 1.0)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 with autocast(cfg.precision, device):
@@ -317,6 +355,8 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
                     if log:
                         log(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                     score = -math.inf if math.isnan(score) else score  # an undefined metric never wins
+                    if plateau is not None and val is not None:
+                        plateau.update(score)
                     if score > best["score"] or best["state"] is None:
                         best.update(score=score, step=step, state=trainable_state(model),
                                     t=time.perf_counter() - t0)

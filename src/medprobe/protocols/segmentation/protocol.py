@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 from medprobe.backbones.base import Backbone
-from medprobe.data.base import ImageDataset
+from medprobe.data.base import ImageDataset, record_metadata
 from medprobe.errors import ConfigError, DataError
 from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
-from medprobe.metrics import MetricValue, segmentation_metrics
-from medprobe.protocols.base import FeatureNeeds, Protocol, Unit, UnitContext, UnitResult
+from medprobe.data.volume import to_source
+from medprobe.metrics import SURFACE_METRICS, MetricValue, segmentation_metrics
+from medprobe.predictions import Predictions, SplitPredictions
+from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, UnitResult
 from medprobe.protocols.segmentation import overlays
 from medprobe.protocols.segmentation.decoders import FROZEN_DECODERS, MULTI_BLOCK, build_decoder, count_trainable
 from medprobe.protocols.segmentation.items import Geometry, SplitItems, build_items, input_images, input_masks, \
@@ -80,6 +82,9 @@ class SegmentationOptions:
     class_weights: list[float] | None = None  # one per class, background first
     include_background: bool = False  # in the class-mean metrics
     hd95: bool = False
+    surface: bool = False  # HD95, ASSD and NSD (spacing-aware, in mm for volumes with an affine)
+    tolerance_mm: float = 1.0  # NSD tolerance
+    empty: Literal["one", "nan"] = "one"  # a class absent from truth and prediction: Dice/Jaccard/NSD 1 or NaN
     shots: list[int] = field(default_factory=list)  # few-shot: numbers of training images/volumes
     draws: int = 3  # few-shot draws per number of shots
     full_data: bool = True  # also train on the whole training split
@@ -108,6 +113,8 @@ class SegmentationOptions:
         require(self.full_data or bool(self.shots), "full_data: false needs a list of shots")
         require(self.slice_axis in (0, 1, 2), f"slice_axis: must be 0, 1 or 2, got {self.slice_axis}")
         require(self.overlays >= 0, f"overlays: must be >= 0, got {self.overlays}")
+        require(self.tolerance_mm >= 0, f"tolerance_mm: must be >= 0, got {self.tolerance_mm}")
+        require(self.empty in ("one", "nan"), f"empty: must be one or nan, got {self.empty!r}")
 
 
 def default_blocks(num_blocks: int) -> list[int]:
@@ -207,9 +214,17 @@ class Segmentation(Protocol):
                "(pure-ViT variant) from scratch; Dice+CE, per-image/volume Dice, Jaccard and their mean")
     Options = SegmentationOptions
 
-    def feature_needs(self, options: SegmentationOptions) -> FeatureNeeds:
-        # block indices depend on the backbone's depth: requested in run(), once, for all decoders
-        return FeatureNeeds(1)
+    expands = {"decoders": "decoder", "shots": "shots"}
+
+    def feature_needs(self, options: SegmentationOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
+        """The patch grids the frozen decoders read from the store (the blocks of ``SegState.store_blocks``)."""
+        frozen = [d for d in options.decoders if d not in SCRATCH_MODELS]
+        if arch is None or not frozen or options.slice_axis != 0 or options.augment:
+            return FeatureNeeds(1)
+        n = arch.num_blocks
+        skips = [b + n if b < 0 else b for b in options.blocks] if options.blocks is not None else default_blocks(n)
+        multi = any(d in MULTI_BLOCK for d in frozen)
+        return FeatureNeeds(1, tuple(sorted(set(skips if multi else []) | {n - 1})))
 
     def supports(self, dataset: ImageDataset) -> str | None:
         if dataset.task.kind != "segmentation":
@@ -348,6 +363,7 @@ class Segmentation(Protocol):
                                                      overlay=not p.get("shots"))
         info["predict_s"] = round(time.perf_counter() - t1, 3)
         metrics = aggregate(per_case, bootstrap=ctx.bootstrap, seed=unit.seed)
+        predictions = case_predictions(ds, test_items.records, per_case)
         metrics.append(MetricValue(metric="trainable_params", value=float(trainable), cls=None, ci_low=None,
                                    ci_high=None, note=None))
         if written:
@@ -360,7 +376,7 @@ class Segmentation(Protocol):
                                  ds.task.class_names, order=options.decoders)
             info["overlays"] = [str(x) for x in pngs]
         info["wall_s"] = round(time.perf_counter() - t0, 3)
-        return UnitResult(metrics, info)
+        return UnitResult(metrics, info, predictions=predictions)
 
     def _evaluate(self, model: torch.nn.Module, source: Any, items: SplitItems, options: SegmentationOptions,
                   ctx: UnitContext, state: SegState, overlay: bool
@@ -399,12 +415,18 @@ class Segmentation(Protocol):
             spacing = voxel_spacing(ds.affine(index))
         values = segmentation_metrics(pred, mask, ds.task.num_classes, ds.task.class_names,
                                       include_background=options.include_background, hd95=options.hd95,
-                                      spacing=spacing)
+                                      spacing=spacing, surface=SURFACE_METRICS if options.surface else (),
+                                      tolerance_mm=options.tolerance_mm, empty=options.empty)
         key = ds.records[index].key
         if volumetric and options.write_nifti:
-            affine = ds.affine(index) if hasattr(ds, "affine") else np.eye(4)
-            written.append(write_nifti(ctx.work_dir / "predictions" / f"{overlays.slug(key)}.nii.gz", pred, affine,
-                                       getattr(ds, "slice_axis", None) if hasattr(ds, "affine") else None))
+            target = ctx.work_dir / "predictions" / f"{overlays.slug(key)}.nii.gz"
+            if callable(getattr(ds, "geometry", None)) and getattr(ds, "orientation", "canonical") == "canonical":
+                geom = ds.geometry(index)  # back to the file's own grid and axis order
+                written.append(write_nifti(target, to_source(pred, geom), geom.source_affine))
+            else:
+                affine = ds.affine(index) if hasattr(ds, "affine") else np.eye(4)
+                written.append(write_nifti(target, pred, affine,
+                                           getattr(ds, "slice_axis", None) if hasattr(ds, "affine") else None))
         if overlay and case in overlay_cases(len(items.records), options.overlays):
             img = image if image.ndim == 2 else (image.mean(axis=-1) if not volumetric else image)
             if volumetric:
@@ -415,3 +437,20 @@ class Segmentation(Protocol):
                 truth, pr = mask, pred
             pictures.append(overlays.CasePicture(key, np.asarray(img, np.float32), np.asarray(truth), np.asarray(pr)))
         return values
+
+
+def case_predictions(dataset: ImageDataset, indices: Any, per_case: list[list[MetricValue]]) -> Predictions:
+    """Per-case metrics of the test split as stored predictions: one column per metric (``dice`` for the
+    class mean, ``dice.<class>`` per class), a row per image or volume in ``indices`` order."""
+    records = [dataset.records[int(i)] for i in indices]
+    names = list(dict.fromkeys(m.metric if m.cls is None else f"{m.metric}.{m.cls}" for case in per_case
+                               for m in case))
+    columns = {n: np.full(len(records), np.nan) for n in names}
+    for row, case in enumerate(per_case):
+        for m in case:
+            value = m.value if m.value is not None else np.nan
+            columns[m.metric if m.cls is None else f"{m.metric}.{m.cls}"][row] = value
+    out = Predictions("segmentation", "segmentation", tuple(dataset.task.class_names))
+    out.splits["test"] = SplitPredictions([r.key for r in records], [r.patient_id for r in records], columns,
+                                          record_metadata(records))
+    return out

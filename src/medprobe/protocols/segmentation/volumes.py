@@ -6,13 +6,12 @@ the test cases, with percentile bootstrap confidence intervals over cases.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from medprobe.metrics import MetricValue
+from medprobe.metrics import MetricValue, aggregate_cases as aggregate  # noqa: F401 (re-export)
 
 
 def to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -55,47 +54,6 @@ def write_nifti(path: str | Path, labels: np.ndarray, affine: np.ndarray, slice_
     dtype = np.uint8 if data.size == 0 or int(data.max()) <= 255 else np.int16
     nib.save(nib.Nifti1Image(np.ascontiguousarray(data.astype(dtype)), aff), str(path))
     return path
-
-
-def aggregate(per_case: Sequence[Sequence[MetricValue]], *, bootstrap: int = 0, seed: int = 0
-              ) -> list[MetricValue]:
-    """Average per-case metric values over cases, per (metric, class).
-
-    Undefined per-case values (NaN, e.g. HD95 with an empty prediction) are left out of the
-    mean and counted in the note, with the notes the per-case metrics gave. Class-mean rows
-    (``cls=None``) get a percentile bootstrap CI over cases when ``bootstrap`` > 0.
-    """
-    values: dict[tuple[str, str | None], list[float]] = defaultdict(list)
-    notes: dict[tuple[str, str | None], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    order: list[tuple[str, str | None]] = []
-    for case in per_case:
-        for m in case:
-            key = (m.metric, m.cls)
-            if key not in values:
-                order.append(key)
-            v = m.value
-            values[key].append(float("nan") if v is None else float(v))
-            if getattr(m, "note", None):
-                notes[key][str(m.note)] += 1
-    rng = np.random.default_rng(seed)
-    out = []
-    for key in order:
-        v = np.asarray(values[key], dtype=np.float64)
-        ok = np.isfinite(v)
-        n = int(len(v))
-        mean = float(v[ok].mean()) if ok.any() else float("nan")
-        parts = [f"{cnt}/{n} cases: {text}" for text, cnt in notes[key].items()]
-        if (~ok).any():
-            parts.insert(0, f"undefined for {int((~ok).sum())}/{n} cases (left out of the mean)")
-        lo = hi = None
-        if bootstrap > 0 and key[1] is None and ok.sum() >= 2:
-            good = v[ok]
-            idx = rng.integers(0, len(good), size=(bootstrap, len(good)))
-            means = good[idx].mean(axis=1)
-            lo, hi = (float(x) for x in np.percentile(means, [2.5, 97.5]))
-        out.append(MetricValue(metric=key[0], value=mean, cls=key[1], ci_low=lo, ci_high=hi,
-                               note="; ".join(parts) or None))
-    return out
 
 
 def foreground_slice(mask: np.ndarray, axis: int) -> int:
