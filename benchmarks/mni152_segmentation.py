@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medprobe.data.adapters import int_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.base import ArrayDataset, ImageDataset, Record, TaskSpec
 from medprobe.errors import DataError
+from medprobe.options import option
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mni152"
@@ -47,7 +48,7 @@ def mni152_slices(root: Path | None = None, step: int = 1, slab: int = 10, min_g
     import nibabel as nib
 
     root = Path(root) if root is not None else DEFAULT_DATA
-    step, slab = int_option("step", step, minimum=1), int_option("slab", slab, minimum=3)
+    step, slab = option("step", step, int, minimum=1), option("slab", slab, int, minimum=3)
     paths = [root / T1, root / GM]
     for p in paths:
         if not p.is_file():

@@ -50,8 +50,13 @@ def main() -> int:
     ap.add_argument("--out", default="runs/report-generation")
     ap.add_argument("--n", type=int, default=EXPERIMENT["datasets"]["phantom"]["n"])
     ap.add_argument("--epochs", type=int, default=EXPERIMENT["protocols"]["report_generation"]["epochs"])
+    ap.add_argument("--image-size", type=int, default=EXPERIMENT["image_size"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: tiny matrices, and robust on a machine shared with other jobs)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    torch.set_num_threads(args.threads)
     from medprobe.data.adapters import build_dataset
     from medprobe.experiment.config import load_experiment
     from medprobe.experiment.runner import run_experiment
@@ -63,6 +68,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     raw = yaml.safe_load(yaml.safe_dump(EXPERIMENT))
     raw["datasets"]["phantom"]["n"] = args.n
+    raw["image_size"] = args.image_size
     rg = raw["protocols"]["report_generation"]
     rg["epochs"] = args.epochs
     data = raw["datasets"]["phantom"]

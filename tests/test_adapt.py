@@ -284,7 +284,7 @@ def test_augmentations_deterministic_in_range_and_shared_within_volume():
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name,raw,pattern", [
-    ("finetune", {"lr": 0}, r"protocols\.finetune: lr: the learning rate must be > 0, got 0"),
+    ("finetune", {"lr": 0}, r"protocols\.finetune: lr: every learning rate must be > 0, got \[0"),
     ("finetune", {"backbone_lr": -1e-4}, r"backbone_lr: the learning rate must be > 0"),
     ("lora", {"epochs": 0}, r"protocols\.lora: epochs: must be >= 1, got 0"),
     ("bitfit", {"augment": ["hflip", "rotat"]}, r"augment\[1\]: unknown augmentation 'rotat'.*Available: affine"),

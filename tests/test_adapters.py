@@ -25,7 +25,8 @@ def test_registry_lists_adapters_with_docs():
     for info in infos.values():
         assert info.summary and len(info.details) > 200 and callable(info.builder)
     assert "licence" in infos["medmnist"].details.lower() and "zenodo" in infos["medmnist"].details
-    assert get_adapter("phantom").options() == {"n": 240, "size": 64, "seed": 0, "task": "binary", "ndim": 2}
+    assert get_adapter("phantom").options() == {"n": 240, "size": 64, "seed": 0, "task": "binary", "ndim": 2,
+                                                "reports": False, "class_names": None, "finding": "nodule"}
 
 
 def test_unknown_adapter_and_option():
@@ -320,3 +321,27 @@ def test_manifest_dimension_mismatch(tmp_path):
     assert ds.ndim == 2
     with pytest.raises(DataError, match=r"d\.csv row 3: .*vol\.npy is a volume"):
         ds.load_image(1)
+
+
+def test_one_option_helper_for_every_option_kind():
+    """medprobe.options.option is the single option lookup (adapters, metrics, runtime); errors name the option."""
+    from medprobe.options import option
+    assert option("n", "3", int) == 3 and option("n", 3.0, int, minimum=1) == 3
+    assert option("flag", "yes", bool) is True and option("flag", 0, bool) is False
+    assert option("labels", "a, b", list[str] | None) == ["a", "b"] and option("labels", None, list[str] | None) is None
+    assert option("task", "auto", str, choices=("auto", "none")) == "auto"
+    for args, kw, match in [(("n", 2.5, int), {}, "option n must be an integer, got 2.5"),
+                            (("n", 0, int), {"minimum": 1}, "option n must be >= 1, got 0"),
+                            (("ndim", 4, int), {"choices": (2, 3)}, "option ndim must be one of 2, 3, got 4"),
+                            (("task", "segm", str), {"choices": ("segmentation", "none")},
+                             "option task: unknown value 'segm'. Did you mean 'segmentation'"),
+                            (("flag", "maybe", bool), {}, "option flag must be true or false"),
+                            (("labels", [], list[str]), {}, "option labels must be a list of names")]:
+        with pytest.raises(ConfigError, match=match):
+            option(*args, **kw)
+    import medprobe.data.adapters as registry
+    import medprobe.data.adapters._common as common
+    import medprobe.errors as errors
+    assert not any(hasattr(m, n) for m, n in [(registry, "int_option"), (registry, "choice_option"),
+                                              (common, "bool_option"), (common, "options_list"),
+                                              (errors, "check_choice")])

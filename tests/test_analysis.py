@@ -302,7 +302,8 @@ def test_real_data_pca_and_correspondence(shared_data, vit):
     assert xr.value_range == (0.0, 255.0) and xr.images[0].shape == (28, 28)
     mri = images_from_files([shared_data / "mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"],
                             slices=[70, 90], slice_axis=2)
-    assert mri.names[1].endswith("[slice 90]") and mri.images[0].shape == (197, 233)
+    # axial slices in the radiological layout: rows anterior->posterior (233), columns right->left (197)
+    assert mri.names[1].endswith("[slice 90]") and mri.images[0].shape == (233, 197)
     for imgs in (xr, mri):
         res, display = patch_pca(vit, imgs, image_size=56)
         assert res.rgb.shape == (len(imgs), 4, 4, 3) and display.shape == (len(imgs), 56, 56, 3)

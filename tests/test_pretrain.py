@@ -18,7 +18,7 @@ from medprobe.pretrain.heads import DINOHead
 from medprobe.pretrain.losses import (SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp)
 from medprobe.pretrain.masking import batch_masks, block_mask
 from medprobe.pretrain.schedules import Schedules, cosine, linear_warmup, warmup_cosine
-from medprobe.pretrain.trainer import ema_update
+from medprobe.pretrain.meta_arch import ema_update
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,6 @@
 """Public-benchmark adapters: tiny real-format fixtures read back, splits, leakage guard, bad input."""
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -349,6 +350,13 @@ def test_figshare_corrupt_and_incomplete_mat_files(tmp_path):
     msg = str(e.value)
     assert "2 problems" in msg and "2.mat: not a readable MATLAB v7.3 (HDF5) .mat file" in msg
     assert "5.mat: cjdata has no field 'PID'" in msg
+
+
+def test_figshare_without_h5py_names_the_extra(tmp_path, monkeypatch):
+    root = F.write_figshare(tmp_path)
+    monkeypatch.setitem(sys.modules, "h5py", None)  # as if h5py were not installed
+    with pytest.raises(ConfigError, match=r'h5py, which is not installed; install it with: pip install "medprobe\[h5\]"'):
+        build_dataset("figshare_brain_tumor", root)
 
 
 # --------------------------------------------------------------------------- VinDr-CXR

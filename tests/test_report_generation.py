@@ -58,6 +58,38 @@ def test_identical_reports_score_one_and_clinical_scorers_name_their_weights():
         clinical_scorer("radgraph", None)
 
 
+def test_chexbert_scorer_loads_the_release_checkpoint_layout(tmp_path):
+    from sklearn.metrics import f1_score
+    from transformers import BertConfig, BertModel
+    from medprobe.errors import WeightsError
+    from medprobe.text_metrics import clinical_scorer
+    words = sorted({w for t in HYPS + REFS for w in t.split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    config.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    state = {f"bert.{k}": v for k, v in BertModel(config).state_dict().items()}
+    for i in range(14):
+        state[f"linear_heads.{i}.weight"] = torch.randn(4 if i < 13 else 2, 16)
+        state[f"linear_heads.{i}.bias"] = torch.zeros(4 if i < 13 else 2)
+    torch.save({"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "chexbert.pth")
+    scorer = clinical_scorer("chexbert", str(tmp_path))
+    labels = scorer.labels(HYPS + REFS)
+    assert labels.shape == (10, 14) and labels[:, :13].max() <= 3 and labels[:, 13].max() <= 1
+    pred, true = labels[:5] == 1, labels[5:] == 1
+    expected = np.mean([f1_score(true[:, c], pred[:, c], zero_division=0) for c in range(14)])
+    assert scorer.macro_f1(HYPS, REFS).value == pytest.approx(expected)
+    m = scorer.macro_f1(REFS, REFS, bootstrap=30)
+    assert m.value == pytest.approx(np.mean(true.any(0))) and m.ci_low <= m.value <= m.ci_high
+    del state["linear_heads.3.bias"]
+    torch.save({"model_state_dict": state}, tmp_path / "chexbert.pth")
+    with pytest.raises(WeightsError, match="linear_heads.3.bias"):
+        clinical_scorer("chexbert", str(tmp_path))
+    with pytest.raises(ConfigError, match="chexbert.pth"):
+        clinical_scorer("chexbert", str(tmp_path / "elsewhere"))
+
+
 def test_text_examples_pick_spread_rows():
     from medprobe.predictions import Predictions, SplitPredictions
     from medprobe.results.text_examples import text_examples, text_examples_html

@@ -64,7 +64,7 @@ def make_ctx(tmp_path: Path, dataset, image_size: int = 28, batch_size: int = 16
     return UnitContext(dataset_name="ds", dataset=dataset, backbone_name="vit", backbone_config=None,
                        image_size=image_size, precision="fp32", batch_size=batch_size, bootstrap=20,
                        device=torch.device("cpu"), work_dir=tmp_path / "out" / "units" / "first",
-                       features_fn=features_fn, backbone_fn=backbone_fn)
+                       features_fn=features_fn, backbone_fn=backbone_fn, plots_dir=tmp_path / "out" / "plots")
 
 
 def run_protocol(ctx: UnitContext, seeds=(0,), **options) -> dict:

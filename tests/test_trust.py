@@ -185,3 +185,87 @@ def test_a_damaged_results_db_is_a_clear_error(tmp_path, capsys, content):
         assert (tmp_path / "run" / "results.db").read_bytes() == content
     else:  # an empty file holds no results: the run starts it afresh
         assert code == 0
+
+
+def test_two_backbones_are_compared_in_the_html_report(tmp_path):
+    path = _write(tmp_path, {"knn": {"k": [3]}}, backbones={
+        "vit": {"name": "dinov2_vits14", "weights": "random", "tiny": True},
+        "cnn": {"name": "resnet18", "weights": "random", "tiny": True}})
+    assert _run(path).done == 2
+    assert main(["report", str(tmp_path / "run"), "--html"]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Backbone comparison" in page and "p (Holm)" in page
+
+
+# --------------------------------------------------------------------------- parallel workers (issue 14 item 4)
+def _metric_rows(out: Path) -> dict:
+    with sqlite3.connect(out / "results.db") as c:
+        rows = c.execute("SELECT m.run_key, m.split, m.metric, IFNULL(m.class, ''), m.value FROM metrics m "
+                         "JOIN runs r ON r.key = m.run_key WHERE r.status = 'done'").fetchall()
+    import re
+    timing = re.compile(r"(_s$|_s_|ms|latency|memory|throughput|per_second)")
+    return {r[:4]: r[4] for r in rows if not timing.search(r[2])}  # wall-clock costs differ between runs
+
+
+PARALLEL = {"knn": {"k": [3, 5]}, "linear": {"epochs": 2, "lrs": [0.001, 0.01]},
+            "finetune": {"epochs": 1, "batch_size": 8, "augment": []}}
+
+
+@pytest.mark.parametrize("launcher", ["processes", "submitit-local"])
+def test_workers_give_the_results_of_a_sequential_run(tmp_path, launcher):
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    _run(_write(seq, PARALLEL, seeds=(0, 1)))
+    par = tmp_path / "par"
+    par.mkdir()
+    summary = run_experiment(load_experiment(_write(par, PARALLEL, seeds=(0, 1))), progress=False,
+                             log=lambda s: None, workers=2, launcher=launcher)
+    assert summary.done == 2 + 2 + 2 and not summary.failed
+    assert not list((par / "run" / "shards").glob("*.db"))  # merged
+    a, b = _metric_rows(seq / "run"), _metric_rows(par / "run")
+    assert a.keys() == b.keys() and len(a) > 20
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), k
+    # and a rerun finds everything done
+    assert _run(_write(par, PARALLEL, seeds=(0, 1))).skipped_done == 6
+
+
+def test_leftover_shards_are_merged_by_report_and_resume(tmp_path):
+    from medprobe.experiment.parallel import worker_main
+    config = load_experiment(_write(tmp_path, {"knn": {"k": [3, 5]}}))
+    plan = plan_experiment(config)
+    out = config.output_path
+    (out / "shards").mkdir(parents=True)
+    first = plan.units[0].key
+    assert worker_main(config, [first], str(out / "shards" / "job-0.db"), "cpu", 1)["done"] == 1
+    assert main(["report", str(out)]) == 0  # a parent killed before merging: report merges
+    assert not list((out / "shards").glob("*.db"))
+    summary = _run(_write(tmp_path, {"knn": {"k": [3, 5]}}))
+    assert summary.skipped_done == 1 and summary.done == 1
+
+
+# --------------------------------------------------------------------------- validation before any work (issue 18 item 9)
+def test_dry_run_refuses_an_image_size_off_the_patch_grid(tmp_path, capsys):
+    path = _write(tmp_path, {"knn": {"k": [3]}}, image_size=30)
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "image_size: 30 is not a multiple of dinov2_vits14's patch size 14; use 28 or 42" in err
+
+
+def test_dry_run_refuses_a_dataset_without_a_test_split(tmp_path, capsys):
+    from medprobe.data.phantom import write_phantom_files
+    root = tmp_path / "data"
+    write_phantom_files(root, n=12, size=32, seed=0)
+    csv = root / "manifest.csv"
+    lines = [",".join(c for i, c in enumerate(line.split(",")) if i != 1)  # drop the mask column
+             for line in csv.read_text().splitlines()]
+    col = lines[0].split(",").index("split")
+    rows = [line.split(",") for line in lines[1:]]
+    for r in rows:
+        r[col] = "train" if r[col] == "test" else r[col]
+    (root / "notest.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+    path = _write(tmp_path, {"knn": {"k": [3]}},
+                  datasets={"d": {"adapter": "manifest", "root": str(root / "notest.csv")}})
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "needs a 'test' split" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -95,11 +95,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     check_no_leakage(dataset)  # the same guard as `medprobe run`: no patient in two splits
     backbone = create_backbone(args.backbone, args.weights, tiny=args.tiny,
                                overrides=parse_options(args.arch or []) or None)
-    result = extract_features(backbone, dataset, args.cache_dir, image_size=args.image_size,
-                              last_blocks=max(args.blocks), precision=args.precision, batch_size=args.batch_size,
-                              progress=not args.quiet)
+    from medprobe.pretrain.distributed import setup_distributed
+    group = setup_distributed("auto")  # under torchrun: one process group, each process extracts its shard
+    try:
+        result = extract_features(backbone, dataset, args.cache_dir, image_size=args.image_size,
+                                  last_blocks=max(args.blocks), precision=args.precision,
+                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
+                                  device=group.device)
+    finally:
+        if group.owns_group:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+    if not group.main:
+        return 0
     store = result.store
     counts = ", ".join(f"{s}: {store.split_info(s)['n']}" for s in store.splits)
+    if result.resumed_from:
+        print(f"continued an interrupted extraction from item {result.resumed_from}")
     if result.reused:
         print(f"reused feature store {store.path} ({counts}) in {result.seconds:.2f} s; nothing recomputed")
     else:
@@ -155,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of last blocks the probes will use, e.g. 1,4 (default); the store keeps max of them")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes reading and resizing images (default: the CPUs available; 0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_extract)
 

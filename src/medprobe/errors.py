@@ -32,11 +32,3 @@ def suggest(name: str, choices: Iterable[str], what: str) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown {what} {name!r}.{hint} Available: {', '.join(choices)}."
-
-
-def check_choice(value: str, choices: Iterable[str], what: str) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a :class:`ConfigError`."""
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(suggest(str(value), choices, what))
-    return value

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medprobe.errors import ConfigError, MedprobeError, check_choice
+from medprobe.errors import ConfigError, MedprobeError
+from medprobe.options import option
 
 TASKS = ("binary", "multiclass", "multilabel")
 CLASSIFICATION_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "kappa", "recall", "specificity")
@@ -120,7 +121,8 @@ def _one_vs_rest(y: np.ndarray, s: np.ndarray, task: str) -> tuple[np.ndarray, n
     """Truth ``(N, K)``, scores ``(N, K)`` and predictions ``(N, K)`` as one-vs-rest columns.
 
     Binary has one column (the positive class, threshold 0.5), multiclass one per class
-    (prediction = argmax), multilabel one per class (threshold 0.5). A score equal to 0.5 is positive.
+    (prediction = argmax), multilabel one per class (threshold 0.5; a missing label, ``-1``, is
+    not a positive). A score equal to 0.5 is positive.
     """
     if task == "binary":
         return (y == 1)[:, None], s[:, None], (s >= 0.5)[:, None]
@@ -128,22 +130,41 @@ def _one_vs_rest(y: np.ndarray, s: np.ndarray, task: str) -> tuple[np.ndarray, n
         k = s.shape[1]
         classes = np.arange(k)
         return y[:, None] == classes, s, s.argmax(1)[:, None] == classes
-    return y.astype(bool), s, s >= 0.5
+    return y == 1, s, s >= 0.5
+
+
+def labelled(y: np.ndarray, task: str) -> np.ndarray | None:
+    """Which multi-label targets are known, ``(N, C)`` bool (``-1`` = missing); None for other tasks or when
+    every target is known (so fully labelled data takes the plain, unmasked path)."""
+    if task != "multilabel":
+        return None
+    known = np.asarray(y) >= 0
+    return None if known.all() else known
 
 
 def _compute(y: np.ndarray, s: np.ndarray, task: str, w: np.ndarray, which: Sequence[str]) -> dict[str, np.ndarray]:
-    """Metrics in ``which`` for every resample (row of ``w``): ``{name: (B,)}`` plus ``{name/cls: (B, K)}``."""
+    """Metrics in ``which`` for every resample (row of ``w``): ``{name: (B,)}`` plus ``{name/cls: (B, K)}``.
+
+    Missing multi-label targets (``-1``) weigh 0 in their class's column: each class is scored on
+    the samples labelled for it, and a class labelled nowhere is undefined (NaN) like an absent class.
+    """
     truth, cols, pred = _one_vs_rest(y, s, task)
+    known = labelled(y, task)
     out: dict[str, np.ndarray] = {}
     if any(m in which for m in _RANKED):
-        per = [_ranked(truth[:, c], cols[:, c], w) for c in range(truth.shape[1])]
+        per = [_ranked(truth[:, c], cols[:, c], w if known is None else w * known[:, c])
+               for c in range(truth.shape[1])]
         for i, name in enumerate(_RANKED):
             if name in which:
                 out[f"{name}/cls"] = np.stack([p[i] for p in per], 1)
                 out[name] = _nanmean(out[f"{name}/cls"], 1)
     if any(m in which for m in ("accuracy", "balanced_accuracy", "recall", "specificity")):
         t, pp = truth.astype(np.float64), pred.astype(np.float64)
-        total = w.sum(1)[:, None]
+        if known is None:
+            total = w.sum(1)[:, None]
+        else:
+            pp *= known  # t is 0 where the target is missing
+            total = w @ known.astype(np.float64)
         tp, pos, ppos = w @ (t * pp), w @ t, w @ pp
         tn = total - pos - ppos + tp
         recall, spec = _ratio(tp, pos), _ratio(tn, total - pos)
@@ -151,7 +172,7 @@ def _compute(y: np.ndarray, s: np.ndarray, task: str, w: np.ndarray, which: Sequ
             out["accuracy"] = tp.sum(1) / total[:, 0]
             out["balanced_accuracy"] = _nanmean(recall, 1)  # scikit-learn: mean recall over classes in y_true
         else:
-            out["accuracy"] = ((tp + tn) / total).mean(1)
+            out["accuracy"] = ((tp + tn) / total).mean(1) if known is None else _nanmean(_ratio(tp + tn, total), 1)
             out["balanced_accuracy"] = _nanmean(_nanmean(np.stack([recall, spec]), 0), 1)
         out["recall"], out["specificity"] = _nanmean(recall, 1), _nanmean(spec, 1)
         out["recall/cls"], out["specificity/cls"] = recall, spec
@@ -166,7 +187,7 @@ def _compute(y: np.ndarray, s: np.ndarray, task: str, w: np.ndarray, which: Sequ
 def _prepare(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: Sequence[str] | None
              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Validated ``(y, scores, class names)``; binary scores become the positive-class column."""
-    check_choice(task, TASKS, "task")
+    option("task", task, str, choices=TASKS, what="task")
     y, s = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
     if y.ndim == 0 or y.shape[0] == 0:
         raise ConfigError(f"metrics need at least one sample, got y_true of shape {y.shape}")
@@ -175,10 +196,11 @@ def _prepare(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: Seq
     bad = int((~np.isfinite(s)).sum())
     if bad:
         raise MedprobeError(f"scores contain {bad} non-finite value(s) (NaN or inf); the model's outputs are invalid")
-    if not np.all(np.isin(y, (0, 1)) if task != "multiclass" else (y == np.round(y)) & (y >= 0)):
-        raise ConfigError(f"y_true for a {task} task must hold "
-                          f"{'non-negative class indices' if task == 'multiclass' else '0/1 values'}, "
-                          f"got values {np.unique(y)[:10].tolist()}")
+    allowed = (0, 1) if task == "binary" else (-1, 0, 1)
+    if not np.all(np.isin(y, allowed) if task != "multiclass" else (y == np.round(y)) & (y >= 0)):
+        want = {"multiclass": "non-negative class indices", "binary": "0/1 values",
+                "multilabel": "0/1 values (-1 = missing)"}[task]
+        raise ConfigError(f"y_true for a {task} task must hold {want}, got values {np.unique(y)[:10].tolist()}")
     y = y.astype(np.int64)
     if task == "binary":
         if s.ndim == 2 and s.shape[1] == 2:
@@ -213,12 +235,14 @@ def _class_notes(metric: str, y: np.ndarray, task: str, names: list[str]) -> lis
     if task == "binary":
         n_pos = np.array([(y == 1).sum()])
     else:
-        n_pos = np.bincount(y, minlength=len(names)) if task == "multiclass" else y.sum(0)
-    n_neg = len(y) - n_pos
+        n_pos = np.bincount(y, minlength=len(names)) if task == "multiclass" else (y == 1).sum(0)
+    n_neg = (y == 0).sum(0) if task == "multilabel" else len(y) - n_pos
     notes: list[str | None] = []
     for i, (p, n) in enumerate(zip(n_pos, n_neg)):
         name = names[1] if task == "binary" else names[i]
-        if p == 0 and metric in ("auroc", "auprc", "recall"):
+        if p == 0 and n == 0:
+            notes.append(f"class {name!r} not labelled in y_true (missing for every sample)")
+        elif p == 0 and metric in ("auroc", "auprc", "recall"):
             notes.append(f"class {name!r} absent from y_true")
         elif n == 0 and metric in ("auroc", "specificity"):
             notes.append(f"class {names[0]!r} absent from y_true" if task == "binary"
@@ -246,7 +270,9 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, cl
     """AUROC, AUPRC (macro and per class), accuracy, balanced accuracy, kappa, recall and specificity.
 
     ``y_true``/``scores``: binary (N,) 0/1 and (N,) positive-class probabilities (or (N, 2));
-    multiclass (N,) class indices and (N, C) probabilities; multilabel (N, C) 0/1 and (N, C).
+    multiclass (N,) class indices and (N, C) probabilities; multilabel (N, C) 0/1 and (N, C), where
+    ``-1`` marks a missing target: each class is scored on the samples labelled for it (a missing
+    target is never a negative) and a class labelled nowhere is undefined, with a note.
     Predictions are the argmax (multiclass) or ``score >= 0.5``. Macro values ignore classes
     where the metric is undefined (the note names them). With ``bootstrap=B > 0`` every value
     gets a percentile CI from ``B`` resamples drawn with ``numpy.random.default_rng(seed)``.
@@ -304,7 +330,7 @@ def metric_value(y_true: np.ndarray, scores: np.ndarray, task: str, metric: str)
 
     Meant for model selection: non-finite scores (a diverged model) give NaN instead of an error.
     """
-    check_choice(metric, CLASSIFICATION_METRICS, "metric")
+    option("metric", metric, str, choices=CLASSIFICATION_METRICS, what="metric")
     if not np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
         return math.nan
     y, s, _ = _prepare(y_true, scores, task, None)
@@ -451,10 +477,10 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
     NSD 1: nothing to find, nothing found) or ``nan`` (left out of the means, as nnU-Net does);
     its distances are NaN either way. Every such value carries a note saying why.
     """
-    check_choice(empty, EMPTY_CONVENTIONS, "empty")
+    option("empty", empty, str, choices=EMPTY_CONVENTIONS, what="empty")
     wanted = list(dict.fromkeys((["hd95"] if hd95 else []) + list(surface)))
     for m in wanted:
-        check_choice(m, SURFACE_METRICS, "surface metric")
+        option("surface metric", m, str, choices=SURFACE_METRICS, what="surface metric")
     if not (isinstance(tolerance_mm, (int, float)) and math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ConfigError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
     p, t = np.asarray(pred), np.asarray(target)

@@ -116,3 +116,56 @@ def require(condition: bool, message: str) -> None:
     """Raise a :class:`ConfigError` with ``message`` unless ``condition``."""
     if not condition:
         raise ConfigError(message)
+
+
+def option(name: str, value: Any, tp: Any, *, minimum: float | None = None, choices: Any = None,
+           what: str = "value") -> Any:
+    """One option value (an adapter's keyword, a function argument) as type ``tp``, checked.
+
+    The single option-lookup helper: ``tp`` is ``int``, ``float``, ``str``, ``bool`` or
+    ``list[str]`` (``| None`` allowed). Values from Python callers are accepted in their usual
+    spellings: ``"3"`` / ``3.0`` for an int, ``yes``/``no``/``1``/``0`` for a bool, a
+    comma-separated string for a list. ``minimum`` and ``choices`` are checked after the
+    conversion; errors are :class:`ConfigError` naming the option (``what`` names a choice).
+    """
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), tp) if typing.get_origin(tp) in (typing.Union,
+                                                                                          types.UnionType) else tp
+    if base is bool:
+        if isinstance(value, bool):
+            out: Any = value
+        elif isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE + _FALSE:
+            out = str(value).strip().lower() in _TRUE
+        else:
+            raise ConfigError(f"option {name} must be true or false, got {value!r}")
+    elif base is int:
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            out = int(value) if isinstance(value, int) else int(float(value))
+            if out != float(value):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise ConfigError(f"option {name} must be an integer, got {value!r}") from None
+    elif base is float:
+        out = coerce(value, float, f"option {name}")
+    elif typing.get_origin(base) in (list, tuple) or base in (list, tuple):
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(f"option {name} must be a list of names, got {value!r}")
+        out = [str(v).strip() for v in items]
+    else:
+        out = value
+    if minimum is not None and out < minimum:
+        raise ConfigError(f"option {name} must be >= {minimum}, got {out}")
+    if choices is not None and out not in tuple(choices):
+        if base is str or isinstance(out, str):
+            raise ConfigError(f"option {name}: " + suggest(str(out), [str(c) for c in choices], what))
+        raise ConfigError(f"option {name} must be one of {', '.join(map(str, choices))}, got {out}")
+    return out
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medprobe.errors import DataError
+from medprobe.fsutil import atomic_write
 
 KINDS = ("classification", "segmentation", "text")
 
@@ -138,17 +138,7 @@ class Predictions:
 def write_predictions(pred: Predictions, path: Path) -> str:
     """Write ``pred`` atomically (temporary file, fsync, rename); returns its SHA-256."""
     data = pred.to_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -11,7 +11,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from medprobe.errors import check_choice
+from medprobe.options import option
+
 
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -33,7 +34,7 @@ def bf16_supported(device_type: str = "cpu") -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` becomes ``bf16`` where supported, else ``fp32``."""
-    check_choice(precision, ("auto", "bf16", "fp32"), "precision")
+    option("precision", precision, str, choices=("auto", "bf16", "fp32"), what="precision")
     if precision == "auto":
         return "bf16" if bf16_supported(device.type) else "fp32"
     return precision

@@ -95,27 +95,132 @@ def most_frequent(texts: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- clinical scorers
+CHEXBERT_CONDITIONS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                       "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                       "Pleural Other", "Fracture", "Support Devices", "No Finding")
 CLINICAL = {
     "chexbert": ("CheXbert macro-F1-14",
                  "the CheXbert labeler checkpoint chexbert.pth (https://github.com/stanfordmlgroup/CheXbert, "
-                 "'Checkpoint download') and a bert-base-uncased folder (config.json, vocab.txt)"),
+                 "'Checkpoint download') and put it in a folder with bert-base-uncased's config.json and vocab.txt "
+                 "(https://huggingface.co/google-bert/bert-base-uncased)"),
     "radgraph": ("RadGraph F1",
                  "the RadGraph model (PhysioNet, https://physionet.org/content/radgraph/1.0.0/, model_checkpoint) "
                  "and the radgraph package (pip install radgraph)"),
 }
 
 
-def clinical_scorer(name: str, weights: str | None) -> Any:
-    """Check a clinical scorer's weights path; a ConfigError naming what to download when it is missing.
-
-    Scoring with these models is not implemented in this medprobe version: a given path is
-    refused too, with the same message, rather than silently skipped.
-    """
+def _require_weights(name: str, weights: str | None) -> None:
     if name not in CLINICAL:
         raise ConfigError(f"unknown clinical text scorer {name!r}; available: {', '.join(CLINICAL)}")
-    title, what = CLINICAL[name]
     if not weights:
+        title, what = CLINICAL[name]
         raise ConfigError(f"{title} needs model weights that medprobe cannot download: download {what}, then give "
                           f"its path as the {name} option")
+
+
+def clinical_scorer(name: str, weights: str | None) -> Any:
+    """The scorer ``name`` with ``weights``; a ConfigError naming what to download when it cannot be built.
+
+    ``chexbert``: a :class:`CheXbertScorer` (``weights`` = a folder holding chexbert.pth and
+    bert-base-uncased's config.json / vocab.txt). ``radgraph`` is not implemented in this
+    version: a given path is refused with the same message rather than silently skipped.
+    """
+    _require_weights(name, weights)
+    if name == "chexbert":
+        return CheXbertScorer(weights)  # type: ignore[arg-type]
+    title, what = CLINICAL[name]
     raise ConfigError(f"{title}: scoring with {weights} is not available in this medprobe version (needs {what}); "
                       f"remove the {name} option to score ROUGE-L and BLEU-4 only")
+
+
+class CheXbertScorer:
+    """CheXbert (Smit et al. 2020): BERT-base and 14 linear heads on the [CLS] state (13 conditions: blank,
+    positive, negative, uncertain; No Finding: blank, positive), loaded from the released chexbert.pth.
+
+    :meth:`macro_f1` is RAD-DINO's Macro-F1-14: per condition, the F1 of "positive" in the generated
+    reports against "positive" in the references (uncertain counts as negative), averaged over 14.
+    """
+
+    def __init__(self, folder: str) -> None:
+        import torch
+        from transformers import BertConfig, BertModel, BertTokenizer
+        from medprobe.errors import WeightsError
+        ckpt, bert_dir = self.files(folder)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any unreadable checkpoint)
+            raise WeightsError(f"chexbert: cannot read {ckpt}: {e}") from None
+        state = state.get("model_state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        self.tokenizer = BertTokenizer.from_pretrained(str(bert_dir))
+        self.model = _CheXbert(BertModel(BertConfig.from_pretrained(str(bert_dir)), add_pooling_layer=True))
+        result = self.model.load_state_dict(state, strict=False)
+        bad = [k for k in result.missing_keys if "position_ids" not in k]
+        if bad or result.unexpected_keys:
+            raise WeightsError(f"chexbert: {ckpt} does not match the CheXbert architecture (missing "
+                               f"{bad[:5]}, unexpected {result.unexpected_keys[:5]})")
+        self.model.eval()
+
+    @staticmethod
+    def files(folder: str) -> tuple[Any, Any]:
+        """``(chexbert.pth, BERT folder)`` of ``folder`` (or of a checkpoint path); a ConfigError when absent."""
+        from pathlib import Path
+        root = Path(folder).expanduser()
+        ckpt = root / "chexbert.pth" if root.is_dir() else root
+        bert_dir = root if root.is_dir() else root.parent
+        missing = [p for p in (ckpt, bert_dir / "config.json", bert_dir / "vocab.txt") if not p.is_file()]
+        if missing:
+            raise ConfigError(f"chexbert: {', '.join(map(str, missing))} not found; download {CLINICAL['chexbert'][1]}")
+        return ckpt, bert_dir
+
+    def labels(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """``(N, 14)`` CheXbert classes (0 blank, 1 positive, 2 negative, 3 uncertain)."""
+        import torch
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = [" ".join(t.split()) for t in texts[start:start + batch_size]]
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=512, return_tensors="pt")
+            with torch.no_grad():
+                logits = self.model(enc["input_ids"], enc["attention_mask"])
+            out.append(np.stack([lg.argmax(-1).numpy() for lg in logits], axis=1))
+        return np.concatenate(out) if out else np.zeros((0, 14), dtype=np.int64)
+
+    def macro_f1(self, generated: Sequence[str], references: Sequence[str], bootstrap: int = 0, seed: int = 0,
+                 alpha: float = 0.05) -> MetricValue:
+        """Macro-F1-14 (labels computed once; bootstrap resamples of the reports for the CI)."""
+        from sklearn.metrics import f1_score
+        _check(generated, references)
+        pred, true = self.labels(generated) == 1, self.labels(references) == 1
+
+        def score(rows: np.ndarray) -> float:
+            return float(np.mean([f1_score(true[rows, c], pred[rows, c], zero_division=0) for c in range(14)]))
+
+        value = score(np.arange(len(true)))
+        if not bootstrap:
+            return MetricValue("chexbert_macro_f1_14", value)
+        rng = np.random.default_rng(seed)
+        samples = [score(rng.integers(0, len(true), len(true))) for _ in range(bootstrap)]
+        lo, hi = np.percentile(samples, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        return MetricValue("chexbert_macro_f1_14", value, ci_low=float(lo), ci_high=float(hi))
+
+
+def _chexbert_module() -> Any:
+    from torch import nn
+
+    class CheXbert(nn.Module):
+        def __init__(self, bert: Any) -> None:
+            super().__init__()
+            self.bert = bert
+            self.dropout = nn.Dropout(0.1)
+            width = bert.config.hidden_size
+            self.linear_heads = nn.ModuleList([nn.Linear(width, 4) for _ in range(13)] + [nn.Linear(width, 2)])
+
+        def forward(self, ids: Any, mask: Any) -> list[Any]:
+            cls = self.dropout(self.bert(ids, attention_mask=mask)[0][:, 0, :])
+            return [head(cls) for head in self.linear_heads]
+
+    return CheXbert
+
+
+def _CheXbert(bert: Any) -> Any:  # noqa: N802  (module class built lazily: torch imported on use only)
+    return _chexbert_module()(bert)

@@ -8,12 +8,27 @@ correspondences and the cross-task ranking scatter (``medprobe analyze ...``).
 """
 from __future__ import annotations
 
-from medprobe.analysis.attention import AttentionResult, attention_maps, cls_attention, write_attention
-from medprobe.analysis.cka import CKAResult, MinibatchCKA, cka_between, cka_matrix, linear_cka, write_cka
-from medprobe.analysis.correspondence import CorrespondenceResult, patch_correspondence, write_correspondence
-from medprobe.analysis.images import ImageSet, images_from_dataset, images_from_files, prepare
-from medprobe.analysis.pca import PCAResult, patch_pca, pca_from_tokens, write_pca
-from medprobe.analysis.ranking import Ranking, average_ranks, dataset_scores, ranking_from_output, write_ranking
+from typing import Any
+
+# name -> module; loaded on first use (torch, pandas): `medprobe --help` imports none of them
+_MODULES = {
+    "medprobe.analysis.attention": ("AttentionResult", "attention_maps", "cls_attention", "write_attention"),
+    "medprobe.analysis.cka": ("CKAResult", "MinibatchCKA", "cka_between", "cka_matrix", "linear_cka", "write_cka"),
+    "medprobe.analysis.correspondence": ("CorrespondenceResult", "patch_correspondence", "write_correspondence"),
+    "medprobe.analysis.images": ("ImageSet", "images_from_dataset", "images_from_files", "prepare"),
+    "medprobe.analysis.pca": ("PCAResult", "patch_pca", "pca_from_tokens", "write_pca"),
+    "medprobe.analysis.ranking": ("Ranking", "average_ranks", "dataset_scores", "ranking_from_output",
+                                  "write_ranking"),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["AttentionResult", "CKAResult", "CorrespondenceResult", "ImageSet", "MinibatchCKA", "PCAResult", "Ranking",
            "attention_maps", "average_ranks", "cka_between", "cka_matrix", "cls_attention", "dataset_scores",

@@ -7,12 +7,25 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
-from medprobe.backbones.base import Backbone, BlockTokens, PreprocessSpec, TokenOutput
-from medprobe.backbones.registry import BackboneSpec, get_spec, list_backbones, register_backbone
-from medprobe.backbones.weights import parse_weights, save_dinov2_checkpoint
+from medprobe.backbones.registry import BackboneSpec, PreprocessSpec, get_spec, list_backbones, register_backbone
 from medprobe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medprobe.backbones.base import Backbone, BlockTokens, TokenOutput
+
+# torch-backed names load on first use, so `medprobe list backbones` and `--help` never import torch
+_LAZY = {"Backbone": "medprobe.backbones.base", "BlockTokens": "medprobe.backbones.base",
+         "TokenOutput": "medprobe.backbones.base", "parse_weights": "medprobe.backbones.weights",
+         "save_dinov2_checkpoint": "medprobe.backbones.weights"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 RANDOM_INIT_SEED = 0
 
@@ -47,6 +60,9 @@ def create_backbone(name: str, weights: str | None = "random", *, tiny: bool = F
     configuration of the same architecture class (tests, quick demos); ``overrides`` passes
     extra constructor arguments (e.g. ``{"depth": 6}``).
     """
+    import torch
+
+    from medprobe.backbones.weights import parse_weights
     spec = get_spec(name)
     source = parse_weights(weights)
     kwargs = {**(spec.tiny if tiny else {}), **(overrides or {})}

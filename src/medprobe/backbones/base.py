@@ -8,27 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How images must be prepared for one backbone, taken from its model card/processor.
-
-    ``mean``/``std`` apply to RGB images scaled to ``input_range`` (``(0, 1)`` for almost
-    every model). ``resize`` is ``"square"`` (resize the whole image to ``size`` x ``size``)
-    or ``"shortest_edge+center_crop"``.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    input_range: tuple[float, float] = (0.0, 1.0)
-    resize: Literal["square", "shortest_edge+center_crop"] = "square"
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
-    channels: int = 3
+from medprobe.backbones.registry import PreprocessSpec  # noqa: F401  (defined there: torch-free)
 
 
 @dataclass

@@ -1,16 +1,33 @@
 """One registry of backbones: a :class:`BackboneSpec` per name, built by a family adapter.
 
 Names say what a model is (``dinov2_vitl14``, ``sam_vitb16``, ``resnet152``). Each spec
-carries the contract of DESIGN.md (width, patch size, blocks, default size) and the model's
-own preprocessing, copied from its model card or processor configuration.
+carries the token contract of :class:`~medprobe.backbones.base.Backbone` (width, patch
+size, blocks, default size) and the model's own preprocessing, copied from its model card
+or processor configuration.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from medprobe.backbones.base import PreprocessSpec
 from medprobe.errors import ConfigError, suggest
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How images must be prepared for one backbone, taken from its model card/processor.
+
+    ``mean``/``std`` apply to RGB images scaled to ``input_range`` (``(0, 1)`` for almost
+    every model). ``resize`` is ``"square"`` (resize the whole image to ``size`` x ``size``)
+    or ``"shortest_edge+center_crop"``.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_range: tuple[float, float] = (0.0, 1.0)
+    resize: Literal["square", "shortest_edge+center_crop"] = "square"
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    channels: int = 3
+
 
 Family = Literal["timm", "hf", "open_clip", "open_clip_timm"]
 

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from medprobe.errors import WeightsError
+from medprobe.fsutil import atomic_write
 
 STATE_DICT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
                     "open_clip_pytorch_model.bin", "model.pth", "checkpoint.pth")
@@ -293,9 +294,5 @@ def _is_swiglu(sd: dict[str, torch.Tensor]) -> bool:
 
 def save_dinov2_checkpoint(vit: torch.nn.Module, path: str | os.PathLike, num_register_tokens: int = 0) -> Path:
     """Write a timm ViT as a DINOv2 original-format ``.pth`` (atomic: temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(timm_vit_to_dinov2(vit.state_dict(), num_register_tokens), tmp)
-    os.replace(tmp, path)
-    return path
+    state = timm_vit_to_dinov2(vit.state_dict(), num_register_tokens)
+    return atomic_write(path, lambda fh: torch.save(state, fh))

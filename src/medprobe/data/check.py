@@ -98,8 +98,8 @@ class CheckReport:
 def _label_problem(rec: Record, kind: str, n: int) -> str | None:
     v = rec.label
     if kind == "multilabel":
-        ok = isinstance(v, (tuple, list)) and len(v) == n and all(x in (0, 1) for x in v)
-        want = f"a vector of {n} values 0/1"
+        ok = isinstance(v, (tuple, list)) and len(v) == n and all(x in (0, 1, -1) for x in v)
+        want = f"a vector of {n} values 0/1 (-1 = missing)"
     elif kind in ("binary", "multiclass"):
         ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= int(v) < n
         want = f"an integer class 0..{n - 1}"
@@ -119,7 +119,7 @@ def _with_where(message: str, ds: ImageDataset, i: int) -> str:
 
 
 def degenerate_splits(kind: str, class_names: Sequence[str], counts: Mapping[str, Mapping[str, int]],
-                      sizes: Mapping[str, int]) -> list[str]:
+                      sizes: Mapping[str, int], unlabelled: Sequence[str] = ()) -> list[str]:
     """Warnings about class coverage, from per-split class counts (``{split: {class: n}}``).
 
     A class with no image in any split (nothing can be learnt or measured for it: a wrong class
@@ -127,11 +127,14 @@ def degenerate_splits(kind: str, class_names: Sequence[str], counts: Mapping[str
     trained on it never sees the class, metrics on it cannot measure it: an AUROC of
     1.000 [1.000, 1.000] is then no result); for multi-label, a class positive in every image
     of a split. Segmentation counts cases containing the class; background is not checked.
+    ``unlabelled`` classes (missing for every image: findings of a harmonised vocabulary the dataset
+    does not label) are not checked; they are masked out of every loss and metric.
     """
     warnings: list[str] = []
     if kind not in ("binary", "multiclass", "multilabel", "segmentation") or not sizes:
         return warnings
-    named = [c for c in class_names if not (kind == "segmentation" and c == class_names[0])]  # not background
+    named = [c for c in class_names if not (kind == "segmentation" and c == class_names[0])  # not background
+             and c not in set(unlabelled)]
     for c in named:
         if not any(counts.get(s, {}).get(c, 0) for s in sizes):
             warnings.append(f"class {c!r} has no {'case' if kind == 'segmentation' else 'image'} in any split "
@@ -165,7 +168,7 @@ def _label_counts(ds: ImageDataset) -> dict[str, Counter]:
         if _label_problem(rec, ds.task.kind, n) is not None:
             continue
         if ds.task.kind == "multilabel":
-            counts[rec.split].update(c for c, v in zip(ds.task.class_names, rec.label) if v)
+            counts[rec.split].update(c for c, v in zip(ds.task.class_names, rec.label) if v == 1)
         elif ds.task.kind in ("binary", "multiclass"):
             counts[rec.split][ds.task.class_names[int(rec.label)]] += 1
     return counts
@@ -179,7 +182,20 @@ def split_warnings(dataset: ImageDataset) -> list[str]:
     positive in every image of a split. ``medprobe data check`` shows the same findings.
     """
     sizes = {s: int(len(dataset.indices(s))) for s in dataset.splits()}
-    return degenerate_splits(dataset.task.kind, dataset.task.class_names, _label_counts(dataset), sizes)
+    return degenerate_splits(dataset.task.kind, dataset.task.class_names, _label_counts(dataset), sizes,
+                             unlabelled=unlabelled_classes(dataset))
+
+
+def unlabelled_classes(dataset: ImageDataset) -> list[str]:
+    """Multi-label classes missing (``-1``) for every record: a harmonised finding the dataset does not label."""
+    if dataset.task.kind != "multilabel":
+        return []
+    n = dataset.task.num_classes
+    known = np.zeros(n, dtype=bool)
+    for rec in dataset.records:
+        if _label_problem(rec, "multilabel", n) is None:
+            known |= np.asarray(rec.label) >= 0
+    return [c for c, k in zip(dataset.task.class_names, known) if not k]
 
 
 def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any] | None = None, *,
@@ -213,7 +229,7 @@ def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any]
         if bad:
             report.problems.append(bad + _where(ds, i))
         elif ds.task.kind == "multilabel":
-            present[rec.split].update(c for c, v in zip(ds.task.class_names, rec.label) if v)
+            present[rec.split].update(c for c, v in zip(ds.task.class_names, rec.label) if v == 1)
         elif ds.task.kind in ("binary", "multiclass"):
             present[rec.split][ds.task.class_names[int(rec.label)]] += 1
         for what, p in (("image", rec.image_path), ("mask", rec.mask_path)):
@@ -262,7 +278,8 @@ def check_dataset(adapter: str, root: str | Path | None, options: dict[str, Any]
     report.patients = len({r.patient_id for r in ds.records})
     if ds.task.kind != "segmentation" or read_files:  # segmentation presence is known only after reading masks
         report.warnings = degenerate_splits(ds.task.kind, ds.task.class_names, present,
-                                            {s: v["images"] for s, v in report.splits.items()})
+                                            {s: v["images"] for s, v in report.splits.items()},
+                                            unlabelled=unlabelled_classes(ds))
     ordered = [s for s in SPLITS if s in report.splits] + [s for s in report.splits if s not in SPLITS]
     report.splits = {s: report.splits[s] for s in ordered}
     return report

@@ -98,12 +98,13 @@ class Preprocessor:
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return ((batch * self._span + self._lo) - self._mean) / self._std
 
-    def prepare(self, image: np.ndarray, source: str = "") -> torch.Tensor:
-        """One native image -> the normalised (3, S, S) input, the cheap way.
+    def scaled(self, image: np.ndarray, source: str = "", expand: bool = True) -> torch.Tensor:
+        """One native image -> (C, S, S) float32 in [0, 1], the cheap way (C = 3, or 1 for a
+        grayscale image when not ``expand``).
 
         The intensity range is found first (on a subsample), then the native image is resized
-        and only the small result is scaled, clipped and normalised: no full-size float copy
-        beyond the one the resize needs.
+        and only the small result is scaled and clipped: no full-size float copy beyond the one
+        the resize needs.
         """
         if image.ndim == 2:
             image = image[..., None]
@@ -116,8 +117,11 @@ class Preprocessor:
         t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
         t = self.resize(t)[0]
         t = ((t - lo) / ((hi - lo) if hi > lo else 1.0)).clamp_(0.0, 1.0)
-        t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
-        return self.normalize(t[None])[0].contiguous()
+        return t.expand(3, -1, -1) if expand and t.shape[0] == 1 else t
+
+    def prepare(self, image: np.ndarray, source: str = "") -> torch.Tensor:
+        """One native image -> the normalised (3, S, S) input (see :meth:`scaled`)."""
+        return self.normalize(self.scaled(image, source)[None])[0].contiguous()
 
     def __call__(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> torch.Tensor:
         sources = sources or [""] * len(images)

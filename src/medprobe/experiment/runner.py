@@ -25,6 +25,7 @@ from typing import Any
 from medprobe.backbones.ref import BackboneRef
 from medprobe.data.base import ImageDataset
 from medprobe.data.check import split_warnings
+from medprobe.data.headline import headline_metric
 from medprobe.errors import ConfigError, MedprobeError
 from medprobe.experiment.config import ExperimentConfig
 from medprobe.experiment.lock import OutputLock
@@ -32,7 +33,7 @@ from medprobe.features import extract_features
 from medprobe.identity import digest
 from medprobe.predictions import write_predictions
 from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, get_protocol
-from medprobe.results.store import ResultsStore, RunRecord, connect_readonly, done_keys
+from medprobe.results.store import ResultsStore, RunRecord, connect_readonly, done_keys, merge_shards, shard_paths
 from medprobe.runtime import default_device, environment, resolve_precision, seed_everything
 
 
@@ -58,6 +59,7 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
     precision: str = "fp32"
     warnings: dict[str, list[str]] = field(default_factory=dict)  # dataset name -> degenerate splits
+    headline: dict[str, str] = field(default_factory=dict)  # dataset name -> its headline metric
 
 
 @dataclass
@@ -155,6 +157,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     for dname, ds in datasets.items():
         plan.warnings[dname] = [f"{dname}: {w}" for w in split_warnings(ds)]
         dc = config.dataset_configs[dname]
+        plan.headline[dname] = headline_metric(dc.adapter, ds.task.kind, dc.headline_metric)
         dataset_identity = {"settings": dc.settings(), "fingerprint": ds.fingerprint()}
         dataset_key = digest(dataset_identity)
         for bname, ref in config.backbone_configs.items():
@@ -232,28 +235,54 @@ def _prepare_output(out: Path) -> None:
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, log: Callable[[str], None] = print,
-                   plan: Plan | None = None) -> RunSummary:
-    """Run every unit not yet ``done`` in ``OUTPUT_DIR/results.db`` (nothing is written when none is left)."""
+                   plan: Plan | None = None, workers: int = 1, launcher: str = "processes",
+                   cluster: Any = None) -> RunSummary:
+    """Run every unit not yet ``done`` in ``OUTPUT_DIR/results.db`` (nothing is written when none is left).
+
+    ``workers > 1`` (or a cluster ``launcher``) runs the pending units in that many workers
+    (:mod:`medprobe.experiment.parallel`) after extracting their feature stores here, once.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers: must be >= 1, got {workers}")
     t0 = time.perf_counter()
     plan = plan or plan_experiment(config)
     summary = RunSummary()
     pending, summary.skipped_done = pending_units(plan)
-    if not pending:
+    out = config.output_path
+    if not pending and not shard_paths(out):
         summary.wall_s = time.perf_counter() - t0
         return summary
-    out = config.output_path
     _prepare_output(out)
     with OutputLock(out, f"medprobe run {config.name}"):
         results = ResultsStore(out / "results.db")
         try:
             _write_experiment_json(out, config)
+            merge_shards(results)  # units finished by workers of an interrupted run
             done = results.done_keys()  # again, under the lock
             summary.skipped_done = sum(u.key in done for u in plan.units)
-            _run_pending(plan, [u for u in pending if u.key not in done], results, summary, progress, log)
+            todo = [u for u in pending if u.key not in done]
+            if todo and (workers > 1 or launcher != "processes"):
+                from medprobe.experiment.parallel import run_workers
+                _extract_stores(plan, todo, progress)
+                for r in run_workers(config, [u.key for u in todo], out, workers, launcher, cluster, log):
+                    summary.done += r["done"]
+                    summary.failed += [tuple(f) for f in r["failed"]]
+                merge_shards(results)
+            elif todo:
+                run_units(plan, todo, results, summary, progress, log)
         finally:
             results.close()
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _extract_stores(plan: Plan, units: list[PlannedUnit], progress: bool) -> None:
+    """Extract, here and once, every feature store that ``units`` read (workers then reuse them)."""
+    for dname, ds in plan.datasets.items():
+        for bname, ref in plan.config.backbone_configs.items():
+            if any(u.dataset == dname and u.backbone == bname and u.protocol.uses_store for u in units):
+                needs = plan.needs[(dname, bname)]
+                _Features(plan.config, ds, ref, needs, ref.build, progress)(needs)
 
 
 def _write_experiment_json(out: Path, config: ExperimentConfig) -> None:
@@ -268,10 +297,11 @@ def _write_experiment_json(out: Path, config: ExperimentConfig) -> None:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _run_pending(plan: Plan, pending: list[PlannedUnit], results: ResultsStore, summary: RunSummary,
-                 progress: bool, log: Callable[[str], None]) -> None:
+def run_units(plan: Plan, pending: list[PlannedUnit], results: ResultsStore, summary: RunSummary,
+              progress: bool, log: Callable[[str], None], device: Any = None) -> None:
+    """Run ``pending`` (units of ``plan``) one after another on ``device``, writing to ``results``."""
     config = plan.config
-    device = default_device()
+    device = device or default_device()
     for dname, ds in plan.datasets.items():
         for bname, ref in config.backbone_configs.items():
             todo = [u for u in pending if u.dataset == dname and u.backbone == bname]
@@ -291,8 +321,8 @@ def _run_pending(plan: Plan, pending: list[PlannedUnit], results: ResultsStore, 
                                   image_size=ref.image_size or config.image_size, precision=plan.precision,
                                   batch_size=config.batch_size, bootstrap=config.bootstrap, device=device,
                                   work_dir=config.output_path / "units" / u.key, features_fn=features,
-                                  backbone_fn=ref.build, memo=memo)
-                _run_unit(results, config, u, ctx, summary, log, plan.warnings)
+                                  backbone_fn=ref.build, memo=memo, plots_dir=config.output_path / "plots")
+                _run_unit(results, config, u, ctx, summary, log, plan.warnings, plan.headline)
             cached.clear()
 
 
@@ -301,7 +331,8 @@ def predictions_path(output_dir: Path, key: str) -> Path:
 
 
 def _run_unit(results: ResultsStore, config: ExperimentConfig, u: PlannedUnit, ctx: UnitContext,
-              summary: RunSummary, log: Callable[[str], None], warnings: dict[str, list[str]]) -> None:
+              summary: RunSummary, log: Callable[[str], None], warnings: dict[str, list[str]],
+              headline: dict[str, str]) -> None:
     if not results.start(u.record):
         summary.skipped_done += 1
         return
@@ -324,6 +355,8 @@ def _run_unit(results: ResultsStore, config: ExperimentConfig, u: PlannedUnit, c
     res.info.setdefault("wall_s", wall)
     if warnings.get(u.dataset):
         res.info.setdefault("warnings", warnings[u.dataset])  # shown as notes by the report
+    if headline.get(u.dataset):
+        res.info.setdefault("headline_metric", headline[u.dataset])  # what tables and rankings lead with
     results.finish(u.key, res.metrics, res.split, res.info, wall, predictions=stored)
     summary.done += 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,14 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medprobe import __version__
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset
 from medprobe.data.preprocess import Preprocessor
 from medprobe.errors import ConfigError, MedprobeError
-from medprobe.features.store import STORE_FORMAT, FeatureStore, StoreWriter, find_store, store_key
+from medprobe.features.store import STORE_FORMAT, FeatureStore, StoreWriter, find_store, open_store, store_key
+from medprobe.progress import ProgressBar
 from medprobe.runtime import autocast, default_device, resolve_precision
 
 FORMAT_VERSION = STORE_FORMAT
@@ -103,29 +104,43 @@ def _first(item: Any) -> Any:
 
 
 def input_batches(dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor, batch_size: int, *,
-                  start: int = 0, workers: int | None = None, pin_memory: bool = False
+                  start: int = 0, end: int | None = None, workers: int | None = None, pin_memory: bool = False
                   ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """2D images ``indices[start:]`` as (positions, (B, 3, S, S) inputs), in order.
+    """2D images ``indices[start:end]`` as (positions, (B, 3, S, S) inputs), in order.
 
     Batches are aligned on ``start + k * batch_size``: a run resumed at a multiple of
     ``batch_size`` sees the same batches as an uninterrupted one.
     """
     workers = default_workers() if workers is None else int(workers)
-    positions = list(range(start, len(indices)))
-    batches = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
+    batches = _Batches(start, len(indices) if end is None else end, batch_size)
     loader = torch.utils.data.DataLoader(_Items(dataset, indices, pre), batch_sampler=batches, collate_fn=_collate,
                                          num_workers=_useful(workers, len(batches)), pin_memory=pin_memory)
     return _raise_errors(loader)
 
 
+class _Batches:
+    """Position batches ``[start + k b, start + (k + 1) b)`` up to ``end``, made on the fly (O(batch) memory)."""
+
+    def __init__(self, start: int, end: int, batch_size: int) -> None:
+        self.start, self.end, self.batch_size = start, max(start, end), batch_size
+
+    def __len__(self) -> int:
+        return math.ceil((self.end - self.start) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(self.start, self.end, self.batch_size):
+            yield list(range(i, min(i + self.batch_size, self.end)))
+
+
 def volume_batches(dataset: ImageDataset, indices: Sequence[int], pre: Preprocessor, batch_size: int, *,
-                   first_volume: int = 0, skip_slices: int = 0, workers: int | None = None,
-                   pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Slices of the volumes ``indices[first_volume:]`` (less the first ``skip_slices``) in batches."""
+                   first_volume: int = 0, end_volume: int | None = None, skip_slices: int = 0,
+                   workers: int | None = None, pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Slices of the volumes ``indices[first_volume:end_volume]`` (less the first ``skip_slices``) in batches."""
     workers = default_workers() if workers is None else int(workers)
     items = _Items(dataset, indices, pre)
-    kwargs: dict[str, Any] = dict(num_workers=_useful(workers, len(items) - first_volume), pin_memory=pin_memory)
-    loader = torch.utils.data.DataLoader(items, batch_size=None, sampler=range(first_volume, len(items)),
+    end = len(items) if end_volume is None else end_volume
+    kwargs: dict[str, Any] = dict(num_workers=_useful(workers, end - first_volume), pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(items, batch_size=None, sampler=range(first_volume, end),
                                          collate_fn=_first, **kwargs)
     return _rebatch(loader, batch_size, skip_slices)
 
@@ -219,12 +234,20 @@ def extract_features(backbone: Backbone, dataset: ImageDataset, cache_dir: str |
     midway is continued from its last commit (every ``commit_every`` items, rounded up to
     whole batches). 3D datasets are embedded slice by slice, in batches that span volumes.
     ``workers``: DataLoader worker processes (default: the CPUs available; 0 = in-process).
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) every process calls this: each embeds its
+    shard of every split (whole batches, or whole volumes) into a part store, then process 0
+    merges the parts, in order and with the same chunking, into the one store and all return it.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if commit_every < 1:
         raise ConfigError(f"commit_every must be >= 1, got {commit_every}")
-    device = device or default_device()
+    rank, world = _distributed()
+    if device is None:
+        device = default_device()
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     precision = resolve_precision(precision, device)
     pre = preprocessor_for(backbone, dataset, image_size)
     blocks = backbone.resolve_blocks(range(-min(last_blocks, backbone.num_blocks), 0))
@@ -235,80 +258,187 @@ def extract_features(backbone: Backbone, dataset: ImageDataset, cache_dir: str |
     t0 = time.perf_counter()
     if not force:
         existing = find_store(cache_dir, name, identity, prefix=f"{backbone.name}-{_base_key(identity)}-")
+        _barrier(world)  # every process has looked before process 0 may write
         if existing is not None:
             return ExtractResult(existing, True, time.perf_counter() - t0, 0)
 
     splits = dataset.splits()
     meta = dict(identity, medprobe=__version__, volumetric=dataset.ndim == 3, task=dataset.task.kind,
-                class_names=list(dataset.task.class_names), splits={})
-    say = log or (print if progress else (lambda msg: None))
-    writer = StoreWriter(cache_dir / name, meta, log=say)
-    resumed_from = sum(writer.committed(s)["items"] for s in splits) if writer.resumed else 0
-    if writer.resumed:
-        say(f"continuing the interrupted extraction of {name} from item {resumed_from} (last commit)")
-    backbone = backbone.to(device).eval()
-    wanted = sorted(set(blocks) | set(patch_blocks))
-    chunk = batch_size * math.ceil(commit_every / batch_size)
-    pin = device.type == "cuda"
-    n_items = 0
-    bar = tqdm(total=None if dataset.ndim == 3 else len(dataset), unit="img", disable=not progress,
-               desc=f"extract {backbone.name}", dynamic_ncols=True, initial=0 if dataset.ndim == 3 else resumed_from)
+                class_names=list(dataset.task.class_names), splits={s: _split_meta(dataset, s) for s in splits})
+    say = log or (print if progress and rank == 0 else (lambda msg: None))
+    job = _Job(backbone.to(device).eval(), dataset, pre, blocks, patch_blocks, precision, device, batch_size,
+               batch_size * math.ceil(commit_every / batch_size), workers, progress and rank == 0)
+    if world == 1:
+        store, n_items, resumed_from = job.run(StoreWriter(cache_dir / name, meta, log=say), None, say)
+        return ExtractResult(store, False, time.perf_counter() - t0, n_items, resumed_from)
+
+    part_dir = cache_dir / f"{name}.part-{rank}-of-{world}"
+    part = open_store(part_dir)
+    n_items = resumed_from = 0
+    if part is None:
+        part, n_items, resumed_from = job.run(StoreWriter(part_dir, meta, log=say), (rank, world), say)
+    _barrier(world)
+    if rank == 0:
+        parts = [FeatureStore(cache_dir / f"{name}.part-{r}-of-{world}") for r in range(world)]
+        merge_parts(parts, StoreWriter(cache_dir / name, meta, log=say, resume=False), dataset, job.chunk)
+        for p in parts:
+            shutil.rmtree(p.path, ignore_errors=True)
+    _barrier(world)
+    return ExtractResult(FeatureStore(cache_dir / name), False, time.perf_counter() - t0, n_items, resumed_from)
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _split_meta(dataset: ImageDataset, split: str) -> dict[str, Any]:
+    recs = [dataset.records[i] for i in dataset.indices(split)]
+    return {"n": len(recs), "keys": [r.key for r in recs], "patient_ids": [r.patient_id for r in recs],
+            "metadata": [r.metadata for r in recs]}
+
+
+def shard_range(n: int, batch_size: int, rank: int, world: int, whole_items: bool) -> tuple[int, int]:
+    """Positions ``[lo, hi)`` of one process's shard: whole batches (2D) or whole volumes (3D)."""
+    unit = 1 if whole_items else batch_size
+    units = math.ceil(n / unit)
+    return min(n, rank * units // world * unit), min(n, (rank + 1) * units // world * unit)
+
+
+@dataclass
+class _Job:
+    """What one extraction computes; :meth:`run` fills a writer (the store, or one process's part)."""
+
+    backbone: Backbone
+    dataset: ImageDataset
+    pre: Preprocessor
+    blocks: list[int]
+    patch_blocks: list[int]
+    precision: str
+    device: torch.device
+    batch_size: int
+    chunk: int
+    workers: int | None
+    progress: bool
+
+    def run(self, writer: StoreWriter, shard: tuple[int, int] | None, say: Callable[[str], None]
+            ) -> tuple[FeatureStore, int, int]:
+        dataset, splits = self.dataset, self.dataset.splits()
+        volumetric = dataset.ndim == 3
+        resumed_from = sum(writer.committed(s)["items"] for s in splits) if writer.resumed else 0
+        if writer.resumed:
+            say(f"continuing the interrupted extraction of {writer.final_dir.name} from item {resumed_from} "
+                f"(last commit)")
+        wanted = sorted(set(self.blocks) | set(self.patch_blocks))
+        pin = self.device.type == "cuda"
+        n_items = 0
+        bar = ProgressBar(None if volumetric else len(dataset), f"extract {self.backbone.name}", unit="img",
+                          enabled=self.progress, initial=0 if volumetric else resumed_from)
+        try:
+            for split in splits:
+                idx = dataset.indices(split)
+                lo, hi = (0, len(idx)) if shard is None else \
+                    shard_range(len(idx), self.batch_size, *shard, whole_items=volumetric)
+                state = writer.committed(split)
+                if state["done"]:
+                    continue
+                if shard is None and dataset.task.kind not in ("none", "segmentation") \
+                        and not writer.has(split, "labels"):
+                    writer.put(split, "labels", dataset.labels(idx))  # (merged stores get them from the merge)
+                done = state["items"]
+                if volumetric:
+                    first_volume, skip = _volume_cursor(writer, split, done) if done else (lo, 0)
+                    batches = volume_batches(dataset, idx, pre=self.pre, batch_size=self.batch_size,
+                                             first_volume=first_volume, end_volume=hi, skip_slices=skip,
+                                             workers=self.workers, pin_memory=pin)
+                else:
+                    batches = input_batches(dataset, idx, self.pre, self.batch_size, start=lo + done, end=hi,
+                                            workers=self.workers, pin_memory=pin)
+                last_commit, check_space = done, True
+                for owners, batch in batches:
+                    with torch.inference_mode(), autocast(self.precision, self.device):
+                        out = self.backbone.forward_tokens(batch.to(self.device, non_blocking=True), blocks=wanted)
+                    values = {"item_owner": owners}
+                    for b in out.blocks:
+                        if b.index in self.blocks:
+                            values[f"cls.{b.index}"] = b.cls.float().cpu().numpy()
+                            values[f"mean.{b.index}"] = b.mean_patch.float().cpu().numpy()
+                        if b.index in self.patch_blocks:
+                            values[f"patch.{b.index}"] = b.patch_grid.to(torch.float16).cpu().numpy()
+                    if check_space:  # 2D: the rest of the store is known; 3D: the next chunk
+                        row_bytes = sum(v[:1].nbytes for v in values.values())
+                        later = splits[splits.index(split) + 1:]
+                        ahead = self.chunk if volumetric else hi - lo - done + \
+                            sum(len(dataset.indices(s)) for s in later) // (1 if shard is None else shard[1])
+                        writer.require_space(ahead * row_bytes)
+                        check_space = False
+                    for key, v in values.items():
+                        writer.append(split, key, v)
+                    done += len(owners)
+                    n_items += len(owners)
+                    bar.update(len(owners))
+                    if done - last_commit >= self.chunk:
+                        writer.commit(split, done)
+                        last_commit = done
+                        check_space = volumetric
+                writer.commit(split, done, done=True)
+            bar.close()
+            store = writer.finish()
+        except MedprobeError:
+            writer.abort()  # a bad input or a full disk: nothing half-written is kept
+            raise
+        except BaseException:
+            writer.release()  # interrupted (Ctrl-C, a crash): keep the committed chunks for a rerun
+            raise
+        return store, n_items, resumed_from
+
+
+def merge_parts(parts: Sequence[FeatureStore], writer: StoreWriter, dataset: ImageDataset, chunk: int) -> FeatureStore:
+    """Concatenate the part stores of a distributed extraction, in rank order, into ``writer``'s store.
+
+    Rows are appended and committed ``chunk`` at a time, as one process would have done, so the
+    merged store equals the single-process one.
+    """
     try:
-        for split in splits:
+        for split in dataset.splits():
             idx = dataset.indices(split)
-            recs = [dataset.records[i] for i in idx]
-            meta["splits"][split] = {"n": len(idx), "keys": [r.key for r in recs],
-                                     "patient_ids": [r.patient_id for r in recs],
-                                     "metadata": [r.metadata for r in recs]}
-            state = writer.committed(split)
-            if state["done"]:
-                continue
-            if dataset.task.kind not in ("none", "segmentation") and not writer.has(split, "labels"):
+            if dataset.task.kind not in ("none", "segmentation"):
                 writer.put(split, "labels", dataset.labels(idx))
-            done = state["items"]
-            if dataset.ndim == 3:
-                first_volume, skip = _volume_cursor(writer, split, done)
-                batches = volume_batches(dataset, idx, pre, batch_size, first_volume=first_volume, skip_slices=skip,
-                                         workers=workers, pin_memory=pin)
-            else:
-                batches = input_batches(dataset, idx, pre, batch_size, start=done, workers=workers, pin_memory=pin)
-            last_commit, check_space = done, True
-            for owners, batch in batches:
-                with torch.inference_mode(), autocast(precision, device):
-                    out = backbone.forward_tokens(batch.to(device, non_blocking=True), blocks=wanted)
-                values = {"item_owner": owners}
-                for b in out.blocks:
-                    if b.index in blocks:
-                        values[f"cls.{b.index}"] = b.cls.float().cpu().numpy()
-                        values[f"mean.{b.index}"] = b.mean_patch.float().cpu().numpy()
-                    if b.index in patch_blocks:
-                        values[f"patch.{b.index}"] = b.patch_grid.to(torch.float16).cpu().numpy()
-                row_bytes = sum(v[:1].nbytes for v in values.values())
-                if check_space:  # 2D: the rest of the store is known; 3D: the next chunk
-                    later = splits[splits.index(split) + 1:]
-                    ahead = chunk if dataset.ndim == 3 else \
-                        len(idx) - done + sum(len(dataset.indices(s)) for s in later)
-                    writer.require_space(ahead * row_bytes)
-                    check_space = False
-                for key, v in values.items():
-                    writer.append(split, key, v)
-                done += len(owners)
-                n_items += len(owners)
-                bar.update(len(owners))
-                if done - last_commit >= chunk:
-                    writer.commit(split, done)
-                    last_commit = done
-                    check_space = dataset.ndim == 3
-            writer.commit(split, done, done=True)
-        bar.close()
-        store = writer.finish()
-    except MedprobeError:
-        writer.abort()  # a bad input or a full disk: nothing half-written is kept
-        raise
+            names: list[str] = []
+            for p in parts:
+                names += [k.split("/", 1)[1] for k in p.meta["arrays"]
+                          if k.startswith(f"{split}/") and k.split("/", 1)[1] not in names]
+            pieces = {n: [p.array(split, n) for p in parts if f"{split}/{n}" in p.meta["arrays"]] for n in names}
+            total = sum(len(a) for a in pieces.get("item_owner", []))
+            for start in range(0, total, chunk):
+                for n in names:
+                    writer.append(split, n, _rows(pieces[n], start, min(start + chunk, total)))
+                if start + chunk < total:
+                    writer.commit(split, start + chunk)
+            writer.commit(split, total, done=True)
+        return writer.finish()
     except BaseException:
-        writer.release()  # interrupted (Ctrl-C, a crash): keep the committed chunks for a rerun
+        writer.abort()
         raise
-    return ExtractResult(store, False, time.perf_counter() - t0, n_items, resumed_from)
+
+
+def _rows(arrays: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the concatenation of ``arrays`` (read from their memory maps)."""
+    out, offset = [], 0
+    for a in arrays:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(a))
+        if lo < hi:
+            out.append(np.asarray(a[lo:hi]))
+        offset += len(a)
+    return np.concatenate(out)
 
 
 def _volume_cursor(writer: StoreWriter, split: str, done: int) -> tuple[int, int]:

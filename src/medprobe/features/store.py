@@ -267,7 +267,8 @@ class StoreWriter:
     each split got. Writes are plain appends; :meth:`require_space` checks the free space first.
     """
 
-    def __init__(self, final_dir: Path, meta: dict[str, Any], log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, final_dir: Path, meta: dict[str, Any], log: Callable[[str], None] | None = None,
+                 resume: bool = True) -> None:
         self.final_dir = Path(final_dir)
         self.log = log or (lambda msg: None)
         self.tmp_dir = self.final_dir.with_name(f"{self.final_dir.name}.tmp-{os.getpid()}")
@@ -282,7 +283,7 @@ class StoreWriter:
                             f"{e.strerror or e}; choose a writable cache_dir") from None
         clean_stale(self.final_dir.parent, skip=self.final_dir.name, log=self.log)
         try:
-            self.progress = self._adopt() or self._fresh()
+            self.progress = self._adopt(resume) or self._fresh()
         except OSError as e:
             raise _space_error(self.final_dir.parent, SPACE_MARGIN, e) if e.errno in _SPACE_ERRNOS else \
                 DataError(f"cannot write the feature store in {self.final_dir.parent}: {e.strerror or e}") from None
@@ -296,8 +297,9 @@ class StoreWriter:
         return {"format": STORE_FORMAT, "name": self.final_dir.name, "host": socket.gethostname(),
                 "arrays": {}, "splits": {}}
 
-    def _adopt(self) -> dict[str, Any] | None:
-        """Take over the folder of a dead writer of this store, truncated to its last commit."""
+    def _adopt(self, resume: bool = True) -> dict[str, Any] | None:
+        """Take over the folder of a dead writer of this store, truncated to its last commit
+        (``resume=False``: remove such folders instead)."""
         prefix = f"{self.final_dir.name}.tmp-"
         for tmp in sorted(self.final_dir.parent.glob(f"{glob_escape(prefix)}*")):
             if not tmp.is_dir():
@@ -305,7 +307,7 @@ class StoreWriter:
             fd = _probe_stale(tmp)
             if fd is None:
                 continue  # another live process is extracting the same store: leave it alone
-            if not _resumable(tmp, self.final_dir.name):
+            if not resume or not _resumable(tmp, self.final_dir.name):
                 shutil.rmtree(tmp, ignore_errors=True)
                 _release(fd)
                 continue
@@ -648,7 +650,7 @@ def find_store(cache_dir: Path, name: str, identity: dict[str, Any], prefix: str
     want = {k: v for k, v in identity.items() if k not in ("blocks", "patch_blocks")}
     candidates = []
     for p in sorted(Path(cache_dir).glob(f"{glob_escape(prefix)}*")):
-        if _TMP.match(p.name) or not (p / META).is_file():
+        if "." in p.name[len(prefix):] or not (p / META).is_file():  # unfinished folders, parts of stores
             continue
         try:
             meta = json.loads((p / META).read_text())

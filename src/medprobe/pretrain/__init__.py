@@ -48,7 +48,7 @@ def pretrain(config: PretrainConfig | dict[str, Any], resume: bool = True, progr
 def pretrain_distributed(config: PretrainConfig | dict[str, Any], nprocs: int, resume: bool = True,
                          progress: bool = False) -> Path:
     """Pretrain with ``nprocs`` local CPU processes (gloo), as ``torchrun --nproc_per_node`` would."""
-    from medprobe.pretrain.trainer import spawn_local
+    from medprobe.pretrain.distributed import spawn_local
     if not isinstance(config, PretrainConfig):
         config = parse_pretrain_config(config)
     return spawn_local(config, nprocs, resume=resume, progress=progress)
@@ -56,5 +56,5 @@ def pretrain_distributed(config: PretrainConfig | dict[str, Any], nprocs: int, r
 
 def read_losses(path: str | Path) -> list[dict[str, float]]:
     """The rows of a run's ``losses.csv``."""
-    from medprobe.pretrain.trainer import read_losses as _read
+    from medprobe.pretrain.history import read_losses as _read
     return _read(path)

@@ -7,15 +7,11 @@ from __future__ import annotations
 import importlib
 
 _MODULES = ("medprobe.protocols.frozen", "medprobe.protocols.adapt", "medprobe.protocols.volume",
-            "medprobe.protocols.segmentation",
+            "medprobe.protocols.segmentation", "medprobe.protocols.zero_shot",
             "medprobe.protocols.report_generation")
 
 for _module in _MODULES:
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as _e:  # a protocol family not present in this build
-        if _e.name != _module:
-            raise
+    importlib.import_module(_module)
 
 
 def list_protocols() -> list[str]:

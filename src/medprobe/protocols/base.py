@@ -79,6 +79,8 @@ class UnitContext:
     features_fn: Callable[[FeatureNeeds], Any]
     backbone_fn: Callable[[], Backbone]
     memo: dict[str, Any] = field(default_factory=dict)
+    #: the experiment's folder for pictures shared across units (OUTPUT_DIR/plots); None: work_dir/plots
+    plots_dir: Path | None = None
 
     def features(self, needs: FeatureNeeds = FeatureNeeds()):
         """The feature store of this dataset × backbone (extracted once, then reused)."""
@@ -105,6 +107,7 @@ class Protocol:
     Options: ClassVar[type]
     version: ClassVar[int] = 1
     expands: ClassVar[dict[str, str]] = {}
+    uses_store: ClassVar[bool] = True  # reads the feature store (parallel runs extract it once, up front)
 
     def parse_options(self, raw: Any, where: str) -> Any:
         return parse(self.Options, raw, where)

@@ -5,7 +5,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medprobe.errors import ConfigError, check_choice
+from medprobe.errors import ConfigError
+from medprobe.options import option
 
 TASKS = ("binary", "multiclass", "multilabel")
 
@@ -22,12 +23,12 @@ def sample_fewshot(labels: np.ndarray, patient_ids: Sequence[str], shots: int, s
     later class is eligible for it too). A class with fewer eligible patients than ``shots``
     takes all of them (no error).
 
-    ``labels``: binary/multiclass (N,) class indices; multilabel (N, C) 0/1, where after the
+    ``labels``: binary/multiclass (N,) class indices; multilabel (N, C) 0/1 (-1 = missing), where after the
     per-class draws ``shots`` further patients with no positive label at all are added when
     there are such patients (as many as exist, up to ``shots``). Patients are handled in
     sorted id order, so the draw depends only on the data and ``seed``.
     """
-    check_choice(task, TASKS, "task")
+    option("task", task, str, choices=TASKS, what="task")
     if shots < 1:
         raise ConfigError(f"shots must be >= 1 patients per class, got {shots}")
     y = np.asarray(labels)
@@ -36,11 +37,12 @@ def sample_fewshot(labels: np.ndarray, patient_ids: Sequence[str], shots: int, s
     if (task == "multilabel") != (y.ndim == 2) or y.ndim not in (1, 2):
         raise ConfigError(f"{task} labels must be {'(N, C) 0/1' if task == 'multilabel' else '(N,) class indices'}, "
                           f"got shape {y.shape}")
-    if y.size and y.min() < 0:
-        raise ConfigError(f"labels must be non-negative, got {int(y.min())}")
+    if y.size and y.min() < (-1 if task == "multilabel" else 0):
+        raise ConfigError(f"labels must be non-negative{' (or -1 = missing)' if task == 'multilabel' else ''}, "
+                          f"got {int(y.min())}")
     patients, owner = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
     if task == "multilabel":
-        onehot = y.astype(bool)
+        onehot = y == 1  # a missing target (-1) makes no patient eligible
     else:
         onehot = np.zeros((y.shape[0], int(y.max()) + 1 if y.size else 0), dtype=bool)
         onehot[np.arange(y.shape[0]), y.astype(np.int64)] = True

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medprobe.errors import ConfigError
+from medprobe.runtime import default_device
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -41,7 +42,8 @@ def check_ks(ks: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def cosine_topk(train: ArrayLike, queries: ArrayLike, k: int, query_chunk: int = 1024, train_chunk: int = 65536,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                exclude: torch.Tensor | None = None, device: str | torch.device | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most cosine-similar training rows of every query, sorted by decreasing similarity.
 
     Returns ``(similarities, indices)``, both ``(N_query, k)``. Queries are processed
@@ -54,6 +56,8 @@ def cosine_topk(train: ArrayLike, queries: ArrayLike, k: int, query_chunk: int =
     with the defaults and D = 1536, 512 MiB + 768 MiB + ~22 MiB, whatever the training-set size.
     ``exclude[i]`` (optional, ``(N_query,)`` int, -1 for none) is a training index that query
     ``i`` may not return (its own row, for leave-one-out). Deterministic for fixed inputs.
+    ``device``: where the search runs (default: the GPU when there is one); the inputs stay where
+    they are and move a chunk at a time; the results come back on the CPU.
     """
     xt, xq = as_features(train, "train features"), as_features(queries, "query features")
     n_train = xt.shape[0]
@@ -64,33 +68,33 @@ def cosine_topk(train: ArrayLike, queries: ArrayLike, k: int, query_chunk: int =
     available = n_train - (1 if exclude is not None else 0)
     if not 1 <= k <= available:
         raise ConfigError(f"k must be between 1 and {available} (training samples available), got {k}")
-    xq = xq.to(xt.device)
+    dev = default_device() if device is None else torch.device(device)
     # float64: features of some models (e.g. random-init ViTs) are nearly collinear, with cosine
     # similarities equal to 1 within float32 rounding, which would scramble the neighbour order
-    sims = torch.empty(xq.shape[0], k, dtype=torch.float64, device=xt.device)
-    index = torch.empty(xq.shape[0], k, dtype=torch.long, device=xt.device)
+    sims = torch.empty(xq.shape[0], k, dtype=torch.float64)
+    index = torch.empty(xq.shape[0], k, dtype=torch.long)
     for q0 in range(0, xq.shape[0], query_chunk):
-        q = F.normalize(xq[q0:q0 + query_chunk].double(), dim=1)
-        best_s = torch.full((q.shape[0], 0), -torch.inf, dtype=torch.float64, device=xt.device)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=xt.device)
+        q = F.normalize(xq[q0:q0 + query_chunk].to(dev).double(), dim=1)
+        best_s = torch.full((q.shape[0], 0), -torch.inf, dtype=torch.float64, device=dev)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=dev)
         for t0 in range(0, n_train, train_chunk):
-            sim = q @ F.normalize(xt[t0:t0 + train_chunk].double(), dim=1).T
+            sim = q @ F.normalize(xt[t0:t0 + train_chunk].to(dev).double(), dim=1).T
             if exclude is not None:
-                own = exclude[q0:q0 + query_chunk].to(xt.device) - t0
+                own = exclude[q0:q0 + query_chunk].to(dev) - t0
                 rows = torch.nonzero((own >= 0) & (own < sim.shape[1])).squeeze(1)
                 sim[rows, own[rows]] = -torch.inf
             chunk_s, chunk_i = sim.topk(min(k, sim.shape[1]), dim=1)
             merged_s, order = torch.cat([best_s, chunk_s], 1).sort(dim=1, descending=True, stable=True)
             best_s = merged_s[:, :k]
             best_i = torch.cat([best_i, chunk_i + t0], 1).gather(1, order[:, :k])
-        sims[q0:q0 + query_chunk], index[q0:q0 + query_chunk] = best_s, best_i
+        sims[q0:q0 + query_chunk], index[q0:q0 + query_chunk] = best_s.cpu(), best_i.cpu()
     return sims, index
 
 
 @torch.no_grad()
 def knn_predict(train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike, num_classes: int,
                 ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07, query_chunk: int = 1024,
-                train_chunk: int = 65536) -> KNNPredictions:
+                train_chunk: int = 65536, device: str | torch.device | None = None) -> KNNPredictions:
     """Class probabilities of the test samples by temperature-weighted voting of the k nearest neighbours.
 
     Cosine similarity on L2-normalised features; one search at ``k_max = min(max(ks), N_train)``
@@ -105,14 +109,14 @@ def knn_predict(train_features: ArrayLike, train_labels: ArrayLike, test_feature
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     xt = as_features(train_features, "train features")
-    y = torch.as_tensor(np.asarray(train_labels)).long().to(xt.device).view(-1)
+    y = torch.as_tensor(np.asarray(train_labels)).long().view(-1)
     if y.shape[0] != xt.shape[0]:
         raise ConfigError(f"train features have {xt.shape[0]} rows but train labels have {y.shape[0]}")
     if num_classes < 2 or y.numel() and (y.min() < 0 or y.max() >= num_classes):
         raise ConfigError(f"train labels must be class indices in 0..{num_classes - 1} (num_classes={num_classes}), "
                           f"got values {torch.unique(y)[:10].tolist()}")
     k_max = min(max(ks), xt.shape[0])
-    sims, index = cosine_topk(xt, test_features, k_max, query_chunk, train_chunk)
+    sims, index = cosine_topk(xt, test_features, k_max, query_chunk, train_chunk, device=device)
     out = KNNPredictions({k: np.empty((sims.shape[0], num_classes), dtype=np.float32) for k in ks})
     out.effective_k = {k: min(k, k_max) for k in ks}
     for q0 in range(0, sims.shape[0], query_chunk):  # voting in query chunks: (chunk, k_max, C) at a time

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medprobe.errors import ConfigError, check_choice
+from medprobe.errors import ConfigError
 from medprobe.metrics import metric_value
+from medprobe.runtime import default_device
+from medprobe.options import option
 
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 TASKS = ("binary", "multiclass", "multilabel")
@@ -73,48 +75,80 @@ def _features(split: dict[str, torch.Tensor] | None, names: list[str], what: str
 
 
 def _targets(y: np.ndarray | torch.Tensor, task: str, num_classes: int, n: int, what: str) -> torch.Tensor:
-    """Labels as the loss wants them: binary (N,) float, multiclass (N,) long, multilabel (N, C) float."""
+    """Labels as the loss wants them: binary (N,) float, multiclass (N,) long, multilabel (N, C) float
+    (``-1`` = missing, masked out of the loss)."""
     t = torch.as_tensor(np.asarray(y))
     shape_ok = t.shape == ((n, num_classes) if task == "multilabel" else (n,))
     if not shape_ok:
         want = f"({n}, {num_classes})" if task == "multilabel" else f"({n},)"
         raise ConfigError(f"{what} labels must have shape {want} for a {task} task, got {tuple(t.shape)}")
     top = 1 if task != "multiclass" else num_classes - 1
-    if t.numel() and (t.min() < 0 or t.max() > top):
-        raise ConfigError(f"{what} labels of a {task} task must be in 0..{top}, got {torch.unique(t)[:10].tolist()}")
+    low = -1 if task == "multilabel" else 0
+    if t.numel() and (t.min() < low or t.max() > top or (task == "multilabel" and bool((t != t.round()).any()))):
+        raise ConfigError(f"{what} labels of a {task} task must be in {'-1 (missing), 0, 1' if low else f'0..{top}'}, "
+                          f"got {torch.unique(t)[:10].tolist()}")
     return t.long() if task == "multiclass" else t.float()
 
 
 def inverse_frequency_weights(y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights: multiclass ``N / (C n_c)``; binary/multilabel ``pos_weight = n_neg / n_pos``.
 
-    An absent class, or a label that is never (or always) positive, gets weight 1.
+    An absent class, or a label that is never (or always) positive, gets weight 1. Missing multi-label
+    targets (``-1``) count as neither positive nor negative.
     """
     if task == "multiclass":
         n_c = torch.bincount(y, minlength=num_classes).float()
         return torch.where(n_c > 0, y.numel() / (num_classes * n_c.clamp_min(1)), torch.ones_like(n_c))
-    pos = y.sum(0)
-    neg = y.shape[0] - pos
+    pos = (y == 1).sum(0).to(torch.float32)
+    neg = (y == 0).sum(0).to(torch.float32)
     return torch.where((pos > 0) & (neg > 0), neg / pos.clamp_min(1), torch.ones_like(pos))
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, task: str, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean loss of every head: logits (H, B, C_out) → (H,)."""
+    """Mean loss of every head: logits (H, B, C_out) → (H,).
+
+    Multi-label targets of ``-1`` (missing) are masked out: the loss is the mean over the known
+    (sample, class) targets of the batch (with no missing target, the plain mean)."""
     h, b, c = logits.shape
     if task == "multiclass":
         per = F.cross_entropy(logits.reshape(h * b, c), y.repeat(h), weight=weight, reduction="none").view(h, b)
         return per.sum(1) / (weight[y].sum() if weight is not None else b)
     target = y.view(b, -1).expand(h, b, c)
-    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none").mean((1, 2))
+    known = target >= 0
+    per = F.binary_cross_entropy_with_logits(logits, target.clamp_min(0), pos_weight=weight, reduction="none")
+    if bool(known.all()):
+        return per.mean((1, 2))
+    return (per * known).sum((1, 2)) / known[0].sum().clamp_min(1)
+
+
+#: rows scored at once by :func:`_predict` (bounds the (H, rows, C) logits on the device)
+PREDICT_CHUNK = 16384
+#: features up to this size are moved to the device whole; larger ones a mini-batch at a time
+DEVICE_BUDGET = 2 << 30
 
 
 @torch.no_grad()
 def _predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, task: str) -> torch.Tensor:
-    """Scores of every head, (H, N) for binary and (H, N, C) otherwise."""
-    logits = torch.einsum("nd,hdc->hnc", x, w) + b[:, None, :]
-    if task == "binary":
-        return torch.sigmoid(logits[..., 0])
-    return logits.softmax(-1) if task == "multiclass" else torch.sigmoid(logits)
+    """Scores of every head on the CPU, (H, N) for binary and (H, N, C) otherwise (rows in chunks)."""
+    out = []
+    for i in range(0, max(len(x), 1), PREDICT_CHUNK):
+        xc = x[i:i + PREDICT_CHUNK].to(w.device, non_blocking=True)
+        logits = torch.einsum("nd,hdc->hnc", xc, w) + b[:, None, :]
+        if task == "binary":
+            scores = torch.sigmoid(logits[..., 0])
+        else:
+            scores = logits.softmax(-1) if task == "multiclass" else torch.sigmoid(logits)
+        out.append(scores.float().cpu())
+    return torch.cat(out, dim=1)
+
+
+def _place(xs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Train features on ``device`` when they fit the budget; else left on the CPU (pinned on CUDA)."""
+    if device.type == "cpu":
+        return xs
+    if sum(x.numel() * x.element_size() for x in xs.values()) <= DEVICE_BUDGET:
+        return {v: x.to(device) for v, x in xs.items()}
+    return {v: x.pin_memory() if device.type == "cuda" else x for v, x in xs.items()}
 
 
 def _select(table: list[tuple[str, float, float]]) -> int:
@@ -131,7 +165,7 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
                  y_val: np.ndarray | None, test: dict[str, torch.Tensor], task: str, num_classes: int,
                  lrs: Sequence[float] = DEFAULT_LRS, epochs: int = 10, batch_size: int = 256,
                  weight_decay: float = 0.0, class_weighting: bool = False, seed: int = 0,
-                 select_metric: str = "auroc") -> SweepResult:
+                 select_metric: str = "auroc", device: str | torch.device | None = None) -> SweepResult:
     """Train a linear head for every input variant x learning rate in one pass and pick the best on val.
 
     ``train``/``val``/``test`` map each variant name to (N, D_variant) features (same variants in
@@ -141,9 +175,13 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
     default) wins, ties going to the smaller lr; when ``val`` is missing or empty, or the metric
     is undefined on val for every head (e.g. val holds one class), selection uses train
     (``selected_on == "train"``). Deterministic for a seed on CPU.
+
+    ``device``: where the heads train (default: the GPU when there is one, else the CPU). The
+    shuffling and the initialisation are drawn on the CPU, so a GPU run takes the same steps and
+    gives the same numbers within floating-point tolerance; scoring runs in chunks of rows.
     """
-    check_choice(task, TASKS, "task")
-    check_choice(select_metric, SELECT_METRICS, "select_metric")
+    option("task", task, str, choices=TASKS, what="task")
+    option("select_metric", select_metric, str, choices=SELECT_METRICS, what="select_metric")
     if select_metric == "kappa" and task == "multilabel":
         raise ConfigError("select_metric 'kappa' is not defined for multilabel tasks; use auroc, auprc or accuracy")
     lrs = [float(lr) for lr in lrs]
@@ -185,11 +223,14 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
 
     xtr, xva, xte = standardise(xtr), standardise(xva), standardise(xte)
 
+    dev = default_device() if device is None else torch.device(device)
     c_out = 1 if task == "binary" else num_classes
     heads = len(lrs)
-    lr = torch.tensor(lrs).view(heads, 1, 1)
-    weight = inverse_frequency_weights(ytr, task, num_classes) if class_weighting else None
-    params = {v: [p.requires_grad_() for p in init_head(seed, v, heads, xtr[v].shape[1], c_out)] for v in names}
+    lr = torch.tensor(lrs).view(heads, 1, 1).to(dev)
+    weight = inverse_frequency_weights(ytr, task, num_classes).to(dev) if class_weighting else None
+    params = {v: [p.to(dev).requires_grad_() for p in init_head(seed, v, heads, xtr[v].shape[1], c_out)]
+              for v in names}
+    xdev, ydev = _place(xtr, dev), ytr.to(dev)
     buffers = {v: [torch.zeros_like(p) for p in params[v]] for v in names}
     gen = torch.Generator().manual_seed(seed)
     total = epochs * math.ceil(n / batch_size)
@@ -198,12 +239,14 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
+            idx_dev = idx.to(dev)
             scale = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             for v in names:
                 w, b = params[v]
-                xb = xtr[v][idx]
+                x = xdev[v]
+                xb = x[idx_dev] if x.device == dev else x[idx].to(dev, non_blocking=True)
                 logits = torch.baddbmm(b.unsqueeze(1), xb.expand(heads, *xb.shape), w)  # (H, B, C_out)
-                grads = torch.autograd.grad(_loss(logits, ytr[idx], task, weight).sum(), (w, b))
+                grads = torch.autograd.grad(_loss(logits, ydev[idx_dev], task, weight).sum(), (w, b))
                 with torch.no_grad():
                     for p, g, buf in zip((w, b), grads, buffers[v]):
                         buf.mul_(MOMENTUM).add_(g + weight_decay * p if weight_decay else g)
@@ -232,4 +275,5 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
         best_variant=variant, best_lr=best_lr, best_val=float(best_value), val_table=table,
         test_scores=test_scores, val_scores=val_scores[variant][h].numpy() if has_val else np.empty(empty, np.float32),
         epochs=epochs, selected_on=selected_on, steps=step,
-        weights={v: (params[v][0].detach(), params[v][1].detach()) for v in names}, standardisation=stats)
+        weights={v: (params[v][0].detach().cpu(), params[v][1].detach().cpu()) for v in names},
+        standardisation=stats)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from medprobe.errors import ConfigError, DataError
+from medprobe.fsutil import slug
 from medprobe.metrics import CLASSIFICATION_METRICS
 from medprobe.predictions import Predictions, SplitPredictions
 from medprobe.results import stats
@@ -377,9 +378,7 @@ def reliability_diagrams(output_dir: str | Path, out_dir: str | Path, *, bins: i
             continue
         curves = calibration_curves(it.pred, split, bins)
         title = f"{it.run.dataset} / {it.run.backbone} / {it.run.label} seed {it.run.seed}"
-        paths.append(plot_reliability(curves, title, out_dir / f"{_safe(title)}-{it.run.key[:8]}.png"))
+        paths.append(plot_reliability(curves, title, out_dir / f"{slug(title)}-{it.run.key[:8]}.png"))
     return paths
 
 
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")[:80]

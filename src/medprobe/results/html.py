@@ -452,6 +452,28 @@ def _error_cell(error: object) -> Cell:
     return Cell(short, sort=short.lower(), css="error", detail=detail)
 
 
+def _comparison(out: Path) -> Section | None:
+    """Paired backbone comparisons on the same test samples (from the stored predictions)."""
+    from medprobe.errors import MedprobeError
+    from medprobe.results.analyses import compare_table
+    section = Section("compare", "Backbone comparison", nav="Compare")
+    try:
+        rows = [r for r in compare_table(out, "auroc", bootstrap=1000) if not r["detail"]]
+    except MedprobeError as e:
+        section.intro.append(f"No comparison: {e}")
+        return section
+    if not rows:
+        return None
+    section.intro.append("AUROC differences between backbones of one configuration on the same test samples "
+                         "(A minus B, averaged over the seeds both ran): paired bootstrap 95% CI, DeLong's test "
+                         "where it applies, Holm-adjusted p-values over the rows (medprobe compare prints more).")
+    body = [[r["dataset"], r["label"], r["backbone_a"], r["backbone_b"], r["value_a"], r["value_b"], r["diff"],
+             ci_text(r["ci_low"], r["ci_high"]), r["test"], r["p"], r["p_holm"]] for r in rows]
+    section.tables.append(table(["dataset", "configuration", "backbone A", "backbone B", num("A"), num("B"),
+                                 num("A - B"), "95% CI", "test", num("p"), num("p (Holm)")], body))
+    return section
+
+
 def _failed(report: Report) -> Section:
     section = Section("failed", "Failed units", nav="Failed")
     if not report.failed:
@@ -517,7 +539,8 @@ def build_sections(out: Path, report: Report, tmp: Path) -> list[Section]:
     experiments = _experiments(out)
     ranking, ranked = _ranking(report, tmp / "ranking")
     sections = [_overview(report, experiments, counts), _headline(report), _fewshot(report, tmp / "fewshot"),
-                _segmentation(report, tmp / "decoders"), ranking, _analysis(out, ranked), _notes(report),
+                _segmentation(report, tmp / "decoders"), _comparison(out), ranking, _analysis(out, ranked),
+                _notes(report),
                 _failed(report), _environment(report, unrecorded), _all_metrics(report.summary)]
     return [s for s in sections if s is not None]
 

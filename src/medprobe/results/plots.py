@@ -1,7 +1,6 @@
 """Report figures: few-shot curves and per-protocol bar charts (matplotlib, Agg)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -10,14 +9,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from medprobe.fsutil import slug  # noqa: E402
+
 
 def _legend_below(ax: plt.Axes, offset: float = 0.2) -> None:
     """The legend ``offset`` (axes fraction) under the axes: long backbone/weights labels never cover the data."""
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -offset), frameon=False)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
 
 def fewshot_curves(summary: pd.DataFrame, out_dir: Path, metric: str = "auroc") -> list[Path]:
@@ -45,7 +42,7 @@ def fewshot_curves(summary: pd.DataFrame, out_dir: Path, metric: str = "auroc") 
         ax.grid(alpha=0.3)
         _legend_below(ax)
         fig.tight_layout()
-        path = out_dir / f"fewshot_{_safe(dataset)}_{_safe(probe)}.png"
+        path = out_dir / f"fewshot_{slug(dataset, limit=None)}_{slug(probe, limit=None)}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
@@ -70,7 +67,7 @@ def protocol_bars(summary: pd.DataFrame, out_dir: Path, metric_for: dict[str, st
         ax.grid(axis="y", alpha=0.3)
         _legend_below(ax, offset=0.3)  # below the rotated tick labels
         fig.tight_layout()
-        path = out_dir / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"
+        path = out_dir / f"bars_{slug(dataset, limit=None)}_{slug(protocol, limit=None)}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)

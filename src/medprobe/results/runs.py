@@ -47,9 +47,25 @@ class RunInfo:
 
 
 def label_text(run: RunInfo) -> str:
-    """The label a unit is shown under in exported files and tables (one place, so it can be swapped
-    for a label derived from the options that differ between units)."""
-    return run.variant
+    """The label a unit is shown under in exported files and tables (set by :func:`load_runs`)."""
+    return getattr(run, "label", None) or run.variant
+
+
+def derived_labels(runs: list[RunInfo]) -> list[str]:
+    """The tables' configuration labels of ``runs`` (:func:`medprobe.results.tables.derive_labels`)."""
+    import json
+
+    import pandas as pd
+
+    from medprobe.results.tables import derive_labels
+    if not runs:
+        return []
+    df = pd.DataFrame({"dataset": [r.dataset for r in runs], "protocol": [r.protocol for r in runs],
+                       "variant": [r.variant for r in runs],
+                       "config_key": [r.config_key or f"legacy:{r.protocol}:{r.variant}:{json.dumps(r.params, sort_keys=True)}"
+                                      for r in runs],
+                       "options_json": [json.dumps(r.options) if r.options else None for r in runs]})
+    return list(derive_labels(df))
 
 
 def load_runs(output_dir: str | Path) -> list[RunInfo]:
@@ -72,8 +88,9 @@ def load_runs(output_dir: str | Path) -> list[RunInfo]:
                       seed=int(d["seed"]), config_key=d["config_key"], options=_loads(d["options_json"]),
                       backbone_key=d["backbone_key"], dataset_key=d["dataset_key"], predictions=d["predictions"],
                       predictions_sha256=d["predictions_sha256"])
-        run.label = label_text(run)
         out.append(run)
+    for run, label in zip(out, derived_labels(out)):
+        run.label = label
     out.sort(key=lambda r: (r.dataset, r.protocol, r.label, r.backbone, r.seed, r.key))
     return out
 

@@ -262,3 +262,58 @@ def _num(v: float | None) -> float | None:
         return None
     v = float(v)
     return None if v != v else v  # NaN stored as NULL (the note says why)
+
+
+# --------------------------------------------------------------------------- shards of parallel workers
+SHARDS = "shards"
+
+
+def shard_paths(output_dir: str | Path) -> list[Path]:
+    """Results shards written by workers (``--workers``, cluster jobs) and not merged yet."""
+    folder = Path(output_dir) / SHARDS
+    return sorted(folder.glob("*.db")) if folder.is_dir() else []
+
+
+def merge_shards(results: ResultsStore) -> int:
+    """Move every finished or failed unit of ``OUTPUT_DIR/shards/*.db`` into ``results`` (one transaction per
+    shard; a unit already ``done`` there is kept), then delete the shard. Returns the number of units merged.
+
+    The caller holds the output folder's lock (a shard is written only by a worker of that holder).
+    """
+    merged = 0
+    for shard in shard_paths(results.path.parent):
+        if shard.stat().st_size == 0:
+            shard.unlink()
+            continue
+        try:
+            src = sqlite3.connect(shard.resolve().as_uri() + "?mode=ro", uri=True)
+            cols = [r[1] for r in src.execute("PRAGMA table_info(runs)")]
+            runs = src.execute(f"SELECT {', '.join(cols)} FROM runs WHERE status IN ('done', 'failed')").fetchall()
+            mcols = [r[1] for r in src.execute("PRAGMA table_info(metrics)")]
+            metrics = src.execute(f"SELECT {', '.join(mcols)} FROM metrics").fetchall()
+            src.close()
+        except sqlite3.DatabaseError as e:
+            raise _damaged(shard, e) from None
+        have = {r[1] for r in results.conn.execute("PRAGMA table_info(runs)")}
+        keep = [i for i, c in enumerate(cols) if c in have]
+        by_run: dict[str, list[tuple]] = {}
+        key_at = mcols.index("run_key")
+        for m in metrics:
+            by_run.setdefault(m[key_at], []).append(m)
+        with results.transaction() as c:
+            done = done_keys(c)
+            for row in runs:
+                rec = dict(zip(cols, row))
+                if rec["key"] in done:
+                    continue
+                c.execute("DELETE FROM metrics WHERE run_key = ?", (rec["key"],))
+                names = [cols[i] for i in keep]
+                c.execute(f"INSERT OR REPLACE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                          [row[i] for i in keep])
+                if rec["status"] == "done":
+                    c.executemany(f"INSERT INTO metrics ({', '.join(mcols)}) VALUES ({', '.join('?' * len(mcols))})",
+                                  by_run.get(rec["key"], []))
+                merged += 1
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(shard) + suffix).unlink(missing_ok=True)
+    return merged

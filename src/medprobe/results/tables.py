@@ -23,7 +23,7 @@ from medprobe.results.store import connect_readonly
 
 HEADLINE = ("auroc", "dice_jaccard_mean", "dice", "rouge_l", "accuracy")
 SUMMARY_COLUMNS = ["dataset", "backbone", "weights", "protocol", "variant", "metric", "mean", "sd", "n", "ci_low",
-                   "ci_high", "note", "config_key", "backbone_key"]
+                   "ci_high", "note", "config_key", "backbone_key", "headline_metric"]
 
 
 def _columns(conn) -> set[str]:
@@ -55,7 +55,18 @@ def load_results(output_dir: str | Path) -> pd.DataFrame:
     df.loc[df["backbone_key"].isna(), "backbone_key"] = ("legacy:" + df["backbone"] + ":" + df["weights"])
     df["protocol_label"] = df["variant"]
     df["variant"] = derive_labels(df)
+    df["headline_metric"] = [_info_headline(t) for t in df["info_json"]]
     return df
+
+
+def _info_headline(text: Any) -> str | None:
+    """The dataset's headline metric the runner recorded in a unit's info (None for older runs)."""
+    try:
+        info = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        return None
+    value = info.get("headline_metric") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _value(v: Any) -> str:
@@ -113,7 +124,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     g = agg.groupby(["dataset", "backbone", "backbone_key", "weights", "protocol", "config_key", "variant", "metric"],
                     sort=False, dropna=False)
     out = g.agg(mean=("value", "mean"), sd=("value", _sd), n=("value", "count"), ci_low=("ci_low", "mean"),
-                ci_high=("ci_high", "mean"), note=("note", _notes), seeds=("seed", "nunique")).reset_index()
+                ci_high=("ci_high", "mean"), note=("note", _notes), seeds=("seed", "nunique"),
+                headline_metric=("headline_metric", "first")).reset_index()
     out["note"] = [n if isinstance(n, str) and n else None for n in out["note"]]  # pandas fills NaN for none
     partial = (out["n"] > 0) & (out["n"] < out["seeds"])
     out.loc[partial, "note"] = [f"undefined in {s - n} of {s} seeds" + (f": {note}" if note else "")
@@ -123,10 +135,16 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def headline_metric(summary: pd.DataFrame, dataset: str) -> str | None:
-    """The dataset's headline metric: the first of :data:`HEADLINE` with at least one defined value."""
+    """The dataset's headline metric: the one its runs recorded (``medprobe.data.headline``: kappa for
+    APTOS, AUPRC for the RAD-DINO sets, the dataset entry's ``headline_metric``...) when present, else
+    the first of :data:`HEADLINE` with at least one defined value."""
     sub = summary[summary["dataset"] == dataset]
-    defined = set(sub.loc[sub["mean"].notna(), "metric"])
     present = set(sub["metric"])
+    if "headline_metric" in sub:
+        recorded = [m for m in dict.fromkeys(sub["headline_metric"].dropna()) if m in present]
+        if recorded:
+            return recorded[0]
+    defined = set(sub.loc[sub["mean"].notna(), "metric"])
     return next((m for m in HEADLINE if m in defined), next((m for m in HEADLINE if m in present), None))
 
 

@@ -78,31 +78,7 @@ def build_dataset(adapter: str, root: str | Path | None = None, **options: Any) 
     return info.builder(Path(root).expanduser() if root is not None else None, **options)
 
 
-# --------------------------------------------------------------------------- option helpers for builders
-def int_option(name: str, value: Any, minimum: int | None = None, choices: tuple[int, ...] | None = None) -> int:
-    """``value`` as an int, else :class:`ConfigError` naming the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"option {name} must be an integer, got {value!r}")
-    try:
-        out = int(value)
-        if float(value) != out:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"option {name} must be an integer, got {value!r}") from None
-    if minimum is not None and out < minimum:
-        raise ConfigError(f"option {name} must be >= {minimum}, got {out}")
-    if choices is not None and out not in choices:
-        raise ConfigError(f"option {name} must be one of {', '.join(map(str, choices))}, got {out}")
-    return out
-
-
-def choice_option(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else :class:`ConfigError` naming the option."""
-    if value not in choices:
-        raise ConfigError(f"option {name}: " + suggest(str(value), choices, "value"))
-    return str(value)
-
-
+# --------------------------------------------------------------------------- helpers for builders
 def require_root(adapter: str, root: Path | None, what: str) -> Path:
     """``root`` or a :class:`ConfigError` saying what the adapter needs."""
     if root is None:

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, int_option, require_root
+from medprobe.data.adapters import require_root
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.readers import read_image, read_mask
 from medprobe.data.splits import check_no_leakage, patient_split
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 # --------------------------------------------------------------------------- problems
 _COLLECTOR: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("medprobe_data_problems",
@@ -256,7 +257,7 @@ class Presence:
     """Checks that listed files exist; ``missing=skip`` drops absent ones (counted) instead."""
 
     def __init__(self, missing: str, problems: Problems) -> None:
-        self.skip = choice_option("missing", missing, MISSING_CHOICES) == "skip"
+        self.skip = option("missing", missing, str, choices=MISSING_CHOICES) == "skip"
         self.problems = problems
         self.skipped = 0
 
@@ -329,8 +330,8 @@ def split_policy(split: str, split_seed: Any, split_fractions: Any, val_fraction
     if split == "official" and not official:
         raise ConfigError("option split: this dataset has no official split with labels; use split=systematic "
                           "(patient-level systematic sampling) or split=stratified")
-    method = choice_option("split", split, choices)
-    seed = int_option("split_seed", split_seed, minimum=0)
+    method = option("split", split, str, choices=choices)
+    seed = option("split_seed", split_seed, int, minimum=0)
     fractions = _fractions(split_fractions)
     vf = None
     if method == "official":
@@ -479,27 +480,6 @@ def dicom_header(path: Path, tags: Sequence[str] = ("PatientSex", "PatientAge", 
             v = ds.get(t)
             out[t] = str(v).strip() if v is not None and str(v).strip() else None
     return out
-
-
-def options_list(value: Any, name: str) -> list[str] | None:
-    """A list option given as a list or a comma-separated string; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"option {name} must be a list of names, got {value!r}")
-    return [str(v).strip() for v in value]
-
-
-def bool_option(name: str, value: Any) -> bool:
-    """A boolean option (true/false, yes/no, 1/0)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, str)) and str(value).strip().lower() in ("1", "true", "yes", "on", "0", "false",
-                                                                           "no", "off"):
-        return str(value).strip().lower() in ("1", "true", "yes", "on")
-    raise ConfigError(f"option {name} must be true or false, got {value!r}")
 
 
 # --------------------------------------------------------------------------- shared documentation

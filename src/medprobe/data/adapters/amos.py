@@ -34,13 +34,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, assign_splits, details, finish,
                                             folder_root, split_policy)
 from medprobe.data.adapters.msd import (DecathlonDataset, case_list, case_name, decathlon_records,
                                         geometry_options, label_names, read_dataset_json)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "amos"
 FIRST_MRI = 501
@@ -62,7 +63,7 @@ def build_amos(root: Path | None, modality: str = "ct", split: str = "official",
                window: Any = None) -> ImageDataset:
     """Build AMOS from the amos22 folder ``root``."""
     folder = folder_root(NAME, root, "the amos22 folder holding dataset.json, imagesTr/ and labelsTr/")
-    modality = choice_option("modality", modality, ("ct", "mri", "all"))
+    modality = option("modality", modality, str, choices=("ct", "mri", "all"))
     geometry = geometry_options(orientation, spacing, window)
     if window is not None and modality != "ct":
         raise ConfigError(f"option window: Hounsfield windows apply to CT; modality={modality} includes MRI "

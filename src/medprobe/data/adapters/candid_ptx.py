@@ -45,12 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
                                             assign_splits, details, finish, folder_root, read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.readers import read_dicom, read_image
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "candid_ptx"
 REPORTS = "Pneumothorax_reports.csv"
@@ -149,9 +150,9 @@ def build_candid_ptx(root: Path | None, target: str = "pneumothorax", task: str 
                      split_fractions: Any = DEFAULT_FRACTIONS, missing: str = "error") -> ImageDataset:
     """Build CANDID-PTX from the folder ``root`` holding Pneumothorax_reports.csv."""
     folder = folder_root(NAME, root, f"the CANDID-PTX folder holding {REPORTS}")
-    target = choice_option("target", target, TARGETS)
-    task = choice_option("task", task, ("segmentation", "classification"))
-    rle = choice_option("rle", rle, ("relative", "absolute"))
+    target = option("target", target, str, choices=TARGETS)
+    task = option("task", task, str, choices=("segmentation", "classification"))
+    rle = option("rle", rle, str, choices=("relative", "absolute"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

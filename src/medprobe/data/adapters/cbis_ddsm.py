@@ -41,13 +41,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, Presence, Problems, Row, Table,
                                             assign_splits, details, dicom_header, finish, folder_root, parse_int,
                                             read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "cbis_ddsm"
 PATHOLOGY = {"MALIGNANT": 1, "BENIGN": 0, "BENIGN_WITHOUT_CALLBACK": 0}
@@ -140,8 +141,8 @@ def build_cbis_ddsm(root: Path | None, abnormality: str = "mass", unit: str = "i
                     missing: str = "error") -> ImageDataset:
     """Build CBIS-DDSM from the folder ``root`` holding the description CSVs and the images."""
     folder = folder_root(NAME, root, "the folder holding mass_case_description_train_set.csv and the images")
-    abnormality = choice_option("abnormality", abnormality, ("mass", "calc", "both"))
-    unit = choice_option("unit", unit, ("image", "roi"))
+    abnormality = option("abnormality", abnormality, str, choices=("mass", "calc", "both"))
+    unit = option("unit", unit, str, choices=("image", "roi"))
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

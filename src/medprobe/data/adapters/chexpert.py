@@ -6,11 +6,16 @@ Task: multilabel. labels=competition (default): the 5 competition observations
 Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; labels=all: all 14
 (No Finding, Enlarged Cardiomediastinum, Cardiomegaly, Lung Opacity, Lung Lesion, Edema,
 Consolidation, Pneumonia, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other,
-Fracture, Support Devices); or a list of column names.
+Fracture, Support Devices); harmonised: the 18 torchxrayvision findings (Pleural Effusion ->
+Effusion; the other CheXpert observations among the 18 keep their names; Infiltration,
+Emphysema, Fibrosis, Pleural_Thickening, Nodule, Mass, Hernia are missing; No Finding,
+Pleural Other and Support Devices are left out: see medprobe.data.harmonise); or a list of
+column names.
 Uncertainty policy (uncertain=): ones (U-Ones, default: -1 -> 1), zeros (U-Zeros:
--1 -> 0) or ignore (U-Ignore: images with an uncertain value in any selected label are
-dropped, since a multi-label vector here cannot mark single labels as missing; the
-number dropped is recorded in dataset.source). Blank (not mentioned) = 0.
+-1 -> 0), missing (an uncertain label is a missing target, -1, masked out of losses and
+metrics, as torchxrayvision does) or ignore (U-Ignore: images with an uncertain value in
+any selected label are dropped; the number dropped is recorded in dataset.source).
+Blank (not mentioned) = 0.
 Modality: chest X-ray, 8-bit JPEG (value_range (0, 255)); frontal and lateral views.
 Official split: train.csv (training) and valid.csv (234 images, 200 patients,
 radiologist consensus labels). The competition test set is not public (its labels
@@ -38,18 +43,26 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
-                                            details, finish, folder_root, options_list, read_table, split_policy)
+                                            details, finish, folder_root, read_table, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError
+from medprobe.options import option
 
 NAME = "chexpert"
 ALL_LABELS: tuple[str, ...] = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
                                "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
                                "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices")
 COMPETITION: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+#: labels=harmonised: the CheXpert observations among the 18 findings
+HARMONISED: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("Atelectasis",), "Consolidation": ("Consolidation",), "Pneumothorax": ("Pneumothorax",),
+    "Edema": ("Edema",), "Effusion": ("Pleural Effusion",), "Pneumonia": ("Pneumonia",),
+    "Cardiomegaly": ("Cardiomegaly",), "Lung Lesion": ("Lung Lesion",), "Fracture": ("Fracture",),
+    "Lung Opacity": ("Lung Opacity",), "Enlarged Cardiomediastinum": ("Enlarged Cardiomediastinum",)}
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 _VALUES = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": 0}
 
@@ -69,12 +82,13 @@ def _resolve(root: Path, rel: str) -> Path:
 def _labels_option(labels: Any) -> tuple[str, ...]:
     if labels in ("competition", None):
         return COMPETITION
-    if labels == "all":
+    if labels in ("all", "harmonised"):
         return ALL_LABELS
-    names = options_list(labels, "labels") or []
+    names = option("labels", labels, list[str] | None) or []
     bad = [n for n in names if n not in ALL_LABELS]
     if bad:
-        raise ConfigError(f"option labels: unknown CheXpert observation(s) {bad}; use competition, all or names "
+        raise ConfigError(f"option labels: unknown CheXpert observation(s) {bad}; use competition, all, harmonised "
+                          f"or names "
                           f"from {', '.join(ALL_LABELS)}")
     return tuple(names)
 
@@ -87,8 +101,8 @@ def build_chexpert(root: Path | None, labels: Any = "competition", uncertain: st
     """Build CheXpert from the folder ``root`` holding train.csv and valid.csv."""
     folder = folder_root(NAME, root, "the CheXpert-v1.0(-small) folder holding train.csv and valid.csv")
     classes = _labels_option(labels)
-    uncertain = choice_option("uncertain", uncertain, ("ones", "zeros", "ignore"))
-    views = choice_option("views", views, ("frontal", "lateral", "all"))
+    uncertain = option("uncertain", uncertain, str, choices=("ones", "zeros", "missing", "ignore"))
+    views = option("views", views, str, choices=("frontal", "lateral", "all"))
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
     problems = Problems(NAME)
     presence = Presence(missing, problems)
@@ -128,7 +142,7 @@ def build_chexpert(root: Path | None, labels: Any = "competition", uncertain: st
                 values.append(v)
             if bad or (views == "frontal" and fl != "Frontal") or (views == "lateral" and fl != "Lateral"):
                 continue
-            if -1 in values:
+            if -1 in values and uncertain != "missing":
                 if uncertain == "ignore":
                     dropped += 1
                     continue
@@ -144,8 +158,11 @@ def build_chexpert(root: Path | None, labels: Any = "competition", uncertain: st
             where.append(at)
     problems.check()
     records = assign_splits(drafts, policy)
-    notes = [f"labels={','.join(classes)}", f"uncertain={uncertain}", f"views={views}",
+    task = TaskSpec("multilabel", classes)
+    if labels == "harmonised":
+        records, task = harmonise.harmonise_records(records, classes, HARMONISED), harmonise.harmonised_task()
+    notes = [harmonise.note(HARMONISED) if labels == "harmonised" else f"labels={','.join(classes)}", f"uncertain={uncertain}", f"views={views}",
              f"dropped_uncertain={dropped}" if uncertain == "ignore" else "", presence.note()]
-    ds = PublicDataset(NAME, folder, records, TaskSpec("multilabel", classes), where=where, policy=policy,
+    ds = PublicDataset(NAME, folder, records, task, where=where, policy=policy,
                        annotation_files=files, value_range=(0.0, 255.0), notes=notes)
     return finish(ds, problems)

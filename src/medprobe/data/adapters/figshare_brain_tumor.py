@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Problems, PublicDataset, assign_splits, details,
                                             finish, folder_root, natural_key, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
-from medprobe.errors import DataError
+from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "figshare_brain_tumor"
 CLASSES = ("meningioma", "glioma", "pituitary tumor")
@@ -47,7 +48,11 @@ FIELDS = ("image", "label", "PID", "tumorBorder", "tumorMask")
 
 def read_cjdata(path: Path, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The requested fields of the ``cjdata`` struct of a MATLAB v7.3 file, as stored (no transpose)."""
-    import h5py
+    try:
+        import h5py  # an optional dependency: the extra medprobe[h5]
+    except ImportError:
+        raise ConfigError(f"dataset adapter {NAME!r} reads MATLAB v7.3 (HDF5) .mat files with h5py, which is not "
+                          f'installed; install it with: pip install "medprobe[h5]"') from None
 
     try:
         f = h5py.File(path, "r")
@@ -119,7 +124,7 @@ def build_figshare_brain_tumor(root: Path | None, task: str = "classification", 
                                split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS) -> ImageDataset:
     """Build the Figshare brain tumor set from the folder ``root`` holding 1.mat ... 3064.mat."""
     folder = folder_root(NAME, root, "the folder holding the extracted 1.mat ... 3064.mat files")
-    task = choice_option("task", task, ("classification", "segmentation"))
+    task = option("task", task, str, choices=("classification", "segmentation"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     files = sorted((p for p in folder.rglob("*.mat") if p.stem.isdigit() and not p.name.startswith(".")),

@@ -28,11 +28,12 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
                                             assign_splits, details, finish, folder_root, read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "iu_xray"
 
@@ -69,7 +70,7 @@ def build_iu_xray(root: Path | None, views: str = "frontal", projections: str | 
                   missing: str = "error") -> ImageDataset:
     """Build IU-Xray from the folder ``root`` holding the report XMLs and the PNG images."""
     folder = folder_root(NAME, root, "a folder holding ecgen-radiology/*.xml and the NLMCXR_png images")
-    views = choice_option("views", views, ("frontal", "all"))
+    views = option("views", views, str, choices=("frontal", "all"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, int_option, register_adapter, require_root
-from medprobe.data.adapters._common import Problems, collecting, options_list
+from medprobe.data.adapters import register_adapter, require_root
+from medprobe.data.adapters._common import Problems, collecting
 from medprobe.data.base import SPLITS, ImageDataset, Record, TaskSpec
 from medprobe.data.readers import file_kind, nifti_affine, read_image, read_mask, read_nifti
 from medprobe.data.volume import (PLANES, VolumeGeometry, describe_intensity, read_volume, spacing_option,
                                   volume_kind, window_range)
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 DETAILS = """\
 Your own data listed in a CSV file (root = the CSV path), one row per image or
@@ -367,17 +368,17 @@ def build_manifest(root: Path | None, labels: list[str] | str | None = None, cla
     if not path.is_file():
         raise DataError(f"{path}: manifest CSV not found" if not path.exists() else
                         f"{path}: is a folder; expected the path of a manifest CSV file")
-    label_cols = options_list(labels, "labels")
-    names_opt = options_list(class_names, "class_names")
-    task = choice_option("task", task, ("auto", "classification", "segmentation", "none"))
-    slice_axis = int_option("slice_axis", slice_axis, choices=(0, 1, 2))
-    orientation = choice_option("orientation", orientation, ("canonical", "file"))
+    label_cols = option("labels", labels, list[str] | None)
+    names_opt = option("class_names", class_names, list[str] | None)
+    task = option("task", task, str, choices=("auto", "classification", "segmentation", "none"))
+    slice_axis = option("slice_axis", slice_axis, int, choices=(0, 1, 2))
+    orientation = option("orientation", orientation, str, choices=("canonical", "file"))
     spacing = spacing_option(spacing, "option spacing")
     window_range(window, "option window")  # checked now; a volume dataset applies it as its value_range
     if ndim is not None:
-        ndim = int_option("ndim", ndim, choices=(2, 3))
+        ndim = option("ndim", ndim, int, choices=(2, 3))
     if num_classes is not None:
-        num_classes = int_option("num_classes", num_classes, minimum=2)
+        num_classes = option("num_classes", num_classes, int, minimum=2)
 
     header, rows = _read_csv(path)
     present = ", ".join(header)

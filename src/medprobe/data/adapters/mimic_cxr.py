@@ -34,11 +34,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
                                             details, find_first, finish, folder_root, read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "mimic_cxr"
 FRONTAL = ("PA", "AP")
@@ -68,7 +69,7 @@ def build_mimic_cxr(root: Path | None, reports: str | None = None, views: str = 
     if not report_root.is_dir():
         raise DataError(f"{report_root}: reports folder not found; expected the folder holding files/pXX/pSUBJECT/"
                         f"sSTUDY.txt (unzip mimic-cxr-reports.zip)")
-    views = choice_option("views", views, ("frontal", "all"))
+    views = option("views", views, str, choices=("frontal", "all"))
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

@@ -31,13 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, natural_key, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics, parse_age
 from medprobe.data.readers import read_mask
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "montgomery"
 TB_CLASSES = ("normal", "tuberculosis")
@@ -110,8 +111,8 @@ def build_montgomery(root: Path | None, task: str = "segmentation", masks: str =
                      missing: str = "error") -> ImageDataset:
     """Build the Montgomery County set from the MontgomerySet folder ``root``."""
     folder = folder_root(NAME, root, "the MontgomerySet folder holding CXR_png/ and ManualMask/")
-    task = choice_option("task", task, ("segmentation", "classification"))
-    masks = choice_option("masks", masks, ("lungs", "left_right"))
+    task = option("task", task, str, choices=("segmentation", "classification"))
+    masks = option("masks", masks, str, choices=("lungs", "left_right"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

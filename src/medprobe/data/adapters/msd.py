@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, int_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
@@ -55,6 +55,7 @@ from medprobe.data.readers import nifti_affine, read_nifti
 from medprobe.data.volume import (PLANES, VolumeGeometry, describe_intensity, read_volume, spacing_option,
                                   window_range)
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "msd"
 SLICE_AXIS = 2
@@ -218,7 +219,7 @@ def build_msd(root: Path | None, channel: int = 0, split: str = "systematic", sp
               spacing: Any = None, window: Any = None) -> ImageDataset:
     """Build one Decathlon task from its Task folder ``root``."""
     folder = folder_root(NAME, root, "a Decathlon Task folder (e.g. Task09_Spleen) holding dataset.json")
-    channel = int_option("channel", channel, minimum=0)
+    channel = option("channel", channel, int, minimum=0)
     geometry = geometry_options(orientation, spacing, window)
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
@@ -251,6 +252,6 @@ def build_msd(root: Path | None, channel: int = 0, split: str = "systematic", sp
 
 def geometry_options(orientation: Any, spacing: Any, window: Any) -> dict[str, Any]:
     """The checked ``orientation``, ``spacing`` and ``window`` options of a volume adapter."""
-    orientation = choice_option("orientation", orientation, ("canonical", "file"))
+    orientation = option("orientation", orientation, str, choices=("canonical", "file"))
     window_range(window, "option window")
     return {"orientation": orientation, "spacing": spacing_option(spacing, "option spacing"), "window": window}

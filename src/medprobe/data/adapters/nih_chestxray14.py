@@ -22,25 +22,31 @@ Layout (root = the downloaded folder):
 Records: one per CSV row; key and patient: Image Index and Patient ID.
 Metadata: sex (M/F), age (years; the 2017 file's impossible ages such as 414 become
 None), age_bin, view (PA/AP), follow_up (Follow-up #). No site (single centre).
-Options: views (all | PA | AP) keeps those view positions.
+Options: views (all | PA | AP) keeps those view positions; labels = native (default: the 14
+findings) | harmonised (the 18 torchxrayvision findings; the 14 keep their names, Lung Lesion,
+Fracture, Lung Opacity and Enlarged Cardiomediastinum are missing: see medprobe.data.harmonise).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
                                             assign_splits, details, find_first, finish, folder_root, parse_int,
                                             read_list, read_table, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
+from medprobe.options import option
 
 NAME = "nih_chestxray14"
 LABELS: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
                            "Hernia")
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+#: labels=harmonised: every NIH finding is one of the 18 under its own name
+HARMONISED: dict[str, tuple[str, ...]] = {f: (f,) for f in LABELS}
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 
 
@@ -63,11 +69,12 @@ def _official_lists(root: Path, problems: Problems) -> dict[str, str]:
                   details(__doc__, official=True))
 def build_nih_chestxray14(root: Path | None, split: str = "official", split_seed: int = 0,
                           split_fractions: Any = DEFAULT_FRACTIONS, val_fraction: float = 0.1, views: str = "all",
-                          missing: str = "error") -> ImageDataset:
+                          missing: str = "error", labels: str = "native") -> ImageDataset:
     """Build NIH ChestX-ray14 from its downloaded folder ``root``."""
     folder = folder_root(NAME, root, "the NIH ChestX-ray14 folder holding Data_Entry_2017.csv")
+    labels = harmonise.labels_option(labels, NAME)
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
-    views = choice_option("views", views, ("all", "PA", "AP"))
+    views = option("views", views, str, choices=("all", "PA", "AP"))
     problems = Problems(NAME)
     presence = Presence(missing, problems)
     csv_path = find_first(folder, CSV_NAMES, "the NIH label file Data_Entry_2017.csv")
@@ -124,8 +131,12 @@ def build_nih_chestxray14(root: Path | None, split: str = "official", split_seed
         where.append(at)
     problems.check()
     records = assign_splits(drafts, policy)
+    task = TaskSpec("multilabel", LABELS)
+    if labels == "harmonised":
+        records, task = harmonise.harmonise_records(records, LABELS, HARMONISED), harmonise.harmonised_task()
     files = [csv_path] + ([folder / "train_val_list.txt", folder / "test_list.txt"] if official else [])
-    ds = PublicDataset(NAME, folder, records, TaskSpec("multilabel", LABELS), where=where, policy=policy,
+    ds = PublicDataset(NAME, folder, records, task, where=where, policy=policy,
                        annotation_files=files, value_range=(0.0, 255.0),
-                       notes=[f"views={views}" if views != "all" else "", presence.note()])
+                       notes=[f"views={views}" if views != "all" else "", presence.note(),
+                              harmonise.note(HARMONISED) if labels == "harmonised" else ""])
     return finish(ds, problems)

@@ -39,13 +39,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, int_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
-                                            assign_splits, details, find_first, finish, folder_root, options_list,
-                                            parse_float, read_table, split_policy)
+                                            assign_splits, details, find_first, finish, folder_root, parse_float,
+                                            read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "padchest"
 CSV_NAMES = ("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
@@ -81,9 +82,9 @@ def build_padchest(root: Path | None, labels: Any = None, min_count: int = 100, 
                    missing: str = "error") -> ImageDataset:
     """Build PadChest from the folder ``root`` holding its CSV and image folders."""
     folder = folder_root(NAME, root, "the PadChest folder holding the labels CSV and the image folders")
-    wanted = options_list(labels, "labels")
-    min_count = int_option("min_count", min_count, minimum=1)
-    views = choice_option("views", views, ("frontal", "lateral", "all"))
+    wanted = option("labels", labels, list[str] | None)
+    min_count = option("min_count", min_count, int, minimum=1)
+    views = option("views", views, str, choices=("frontal", "lateral", "all"))
     keep = VIEWS["frontal"] | VIEWS["lateral"] if views == "all" else VIEWS[views]
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)

@@ -6,12 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, int_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.base import ArrayDataset, ImageDataset, Record, TaskSpec
 from medprobe.data.phantom import CHEST_FINDINGS, make_chest_phantoms, make_volume_phantoms, volume_metadata
 from medprobe.data.phantom_reports import chest_phantoms_with_reports
 from medprobe.data.splits import patient_split
 from medprobe.errors import ConfigError
+from medprobe.options import option
 
 DETAILS = """\
 Synthetic data generated in memory (no download; root is ignored): the offline
@@ -51,13 +52,13 @@ def build_phantom(root: Path | None = None, n: int = 240, size: int = 64, seed: 
                   ndim: int = 2, reports: bool = False, class_names: Any = None, finding: str = "nodule"
                   ) -> ImageDataset:
     """Build the phantom dataset (``root`` is ignored)."""
-    n = int_option("n", n, minimum=1)
-    size = int_option("size", size, minimum=16)
-    seed = int_option("seed", seed, minimum=0)
-    ndim = int_option("ndim", ndim, choices=(2, 3))
-    task = choice_option("task", task, ("binary", "multiclass", "multilabel", "segmentation"))
+    n = option("n", n, int, minimum=1)
+    size = option("size", size, int, minimum=16)
+    seed = option("seed", seed, int, minimum=0)
+    ndim = option("ndim", ndim, int, choices=(2, 3))
+    task = option("task", task, str, choices=("binary", "multiclass", "multilabel", "segmentation"))
     names = _class_names(task, class_names)
-    finding = choice_option("finding", finding, tuple(CHEST_FINDINGS))
+    finding = option("finding", finding, str, choices=tuple(CHEST_FINDINGS))
     if finding != "nodule" and (ndim != 2 or reports):
         raise ConfigError(f"option finding={finding} applies to the 2D chest phantoms without reports (ndim=2)")
     repeat = 0.25

@@ -31,13 +31,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, FileIndex, Presence, Problems, Row,
-                                            assign_splits, bool_option, details, dicom_header, finish, folder_root,
-                                            parse_float, read_table, split_policy)
+                                            assign_splits, details, dicom_header, finish, folder_root, parse_float,
+                                            read_table, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "rsna_pneumonia"
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -68,8 +69,8 @@ def build_rsna_pneumonia(root: Path | None, task: str = "binary", read_dicom_tag
                          missing: str = "error") -> ImageDataset:
     """Build the RSNA pneumonia set from the folder ``root`` holding stage_2_train_labels.csv."""
     folder = folder_root(NAME, root, f"the folder holding {LABELS_CSV} and stage_2_train_images/")
-    task = choice_option("task", task, ("binary", "multiclass"))
-    tags = bool_option("read_dicom_tags", read_dicom_tags)
+    task = option("task", task, str, choices=("binary", "multiclass"))
+    tags = option("read_dicom_tags", read_dicom_tags, bool)
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

@@ -8,7 +8,11 @@ Units: unit=slice (default): every slice is a 2D record; unit=volume: the slices
 patient folder, in natural file-name order, are stacked into a (D, H, W) volume
 (RGB slices with equal channels become grayscale; other RGB slices are averaged; all
 slices of a volume must have one shape).
-Modality: CT slices as PNG/JPEG images (value_range None: scaled by percentiles).
+Modality: CT slices as PNG/JPEG images exported with a display window already
+applied (8-bit). intensity=fixed (default) scales every slice by the fixed 8-bit
+range 0-255, so a value means the same in every scan (the export's window);
+intensity=percentile scales each slice by its own 0.5-99.5th percentiles. Hounsfield
+windows do not apply: the files hold no Hounsfield units.
 Official split: none.
 Licence: CC BY-NC-SA 4.0 (as listed on the Kaggle page; verify there).
 Obtain: kaggle.com/datasets/plameneduardo/sarscov2-ctscan-dataset (2,482 slices, flat
@@ -36,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, register_adapter
-from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Problems, PublicDataset, assign_splits, bool_option,
-                                            details, finish, folder_root, natural_key, options_list, split_policy)
+from medprobe.data.adapters import register_adapter
+from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Problems, PublicDataset, assign_splits, details,
+                                            finish, folder_root, natural_key, split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.readers import read_image
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "sarscov2_ct"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -81,6 +86,13 @@ class CTSliceVolumes(PublicDataset):
         self.slices = slices
 
     def read_image(self, index: int) -> np.ndarray:
+        image = self._read(index)
+        if self.value_range == (0.0, 255.0) and image.size and (image.max() > 255 or image.min() < 0):
+            raise DataError(f"{self.records[index].image_path}: values {image.min():g}..{image.max():g} outside the "
+                            f"8-bit range 0-255 that intensity=fixed assumes; use intensity=percentile")
+        return image
+
+    def _read(self, index: int) -> np.ndarray:
         if self.ndim == 2:
             return super().read_image(index)
         files = self.slices[index]
@@ -112,12 +124,13 @@ def _class_order(names: list[str], classes: list[str] | None, root: Path) -> lis
                   details(__doc__, official=False))
 def build_sarscov2_ct(root: Path | None, unit: str = "slice", classes: Any = None, allow_flat: bool = False,
                       split: str = "systematic", split_seed: int = 0,
-                      split_fractions: Any = DEFAULT_FRACTIONS) -> ImageDataset:
+                      split_fractions: Any = DEFAULT_FRACTIONS, intensity: str = "fixed") -> ImageDataset:
     """Build the SARS-CoV-2 CT set from the folder ``root`` holding its class folders."""
     folder = folder_root(NAME, root, "the folder holding the class folders (e.g. COVID/, non-COVID/)")
-    unit = choice_option("unit", unit, ("slice", "volume"))
-    allow_flat = bool_option("allow_flat", allow_flat)
-    wanted = options_list(classes, "classes")
+    unit = option("unit", unit, str, choices=("slice", "volume"))
+    intensity = option("intensity", intensity, str, choices=("fixed", "percentile"))
+    allow_flat = option("allow_flat", allow_flat, bool)
+    wanted = option("classes", classes, list[str] | None)
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     base = folder
@@ -171,7 +184,8 @@ def build_sarscov2_ct(root: Path | None, unit: str = "slice", classes: Any = Non
     records = assign_splits(drafts, policy)
     spec = TaskSpec("binary" if len(order) == 2 else "multiclass", tuple(order))
     ds = CTSliceVolumes(NAME, folder, records, spec, where=where, policy=policy, ndim=3 if unit == "volume" else 2,
-                        notes=[f"unit={unit}", f"classes={','.join(order)}",
+                        value_range=(0.0, 255.0) if intensity == "fixed" else None,
+                        notes=[f"unit={unit}", f"classes={','.join(order)}", f"intensity={intensity}",
                                f"allow_flat({flat_total} flat slices, each its own patient)" if flat_total else ""],
                         slices=slices)
     return finish(ds, problems)

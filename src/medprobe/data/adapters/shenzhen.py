@@ -34,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from medprobe.data.adapters import choice_option, register_adapter
+from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, split_policy)
 from medprobe.data.adapters.montgomery import TB_CLASSES, read_reading, tb_images
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import DataError
+from medprobe.options import option
 
 NAME = "shenzhen"
 MASK_DIRS = ("mask", "masks")
@@ -59,7 +60,7 @@ def build_shenzhen(root: Path | None, task: str = "classification", mask_dir: st
                    split: str = "systematic", split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS) -> ImageDataset:
     """Build the Shenzhen set from the ChinaSet_AllFiles folder ``root``."""
     folder = folder_root(NAME, root, "the ChinaSet_AllFiles folder holding CXR_png/")
-    task = choice_option("task", task, ("classification", "segmentation"))
+    task = option("task", task, str, choices=("classification", "segmentation"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
     masks_at: Path | None = None

@@ -37,13 +37,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from medprobe.data.adapters import choice_option, register_adapter
-from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, FileIndex, Presence, Problems,
-                                            Table, assign_splits, bool_option, details, dicom_header, finish,
-                                            folder_root, options_list, read_table, split_policy)
+from medprobe.data.adapters import register_adapter
+from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, FileIndex, Presence, Problems, Table,
+                                            assign_splits, details, dicom_header, finish, folder_root, read_table,
+                                            split_policy)
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError, DataError
+from medprobe.options import option
 
 NAME = "vindr_cxr"
 GLOBAL = {"copd", "lung tumor", "pneumonia", "tuberculosis", "other disease", "other diseases"}
@@ -66,7 +67,7 @@ def _classes(header: list[str], labels: Any) -> tuple[str, ...]:
         return tuple(c for c in columns if c.lower() in GLOBAL)
     if labels == "local":
         return tuple(c for c in columns if c.lower() not in GLOBAL and c.lower() != NO_FINDING)
-    names = options_list(labels, "labels") or []
+    names = option("labels", labels, list[str] | None) or []
     bad = [n for n in names if n not in columns]
     if bad:
         raise ConfigError(f"option labels: unknown label column(s) {bad}; use all, global, local or names from "
@@ -105,8 +106,8 @@ def build_vindr_cxr(root: Path | None, labels: Any = "all", aggregate: str = "ma
                     missing: str = "error") -> ImageDataset:
     """Build VinDr-CXR from the folder ``root`` (physionet vindr-cxr/1.0.0)."""
     folder = folder_root(NAME, root, "the VinDr-CXR folder holding annotations/image_labels_train.csv")
-    aggregate = choice_option("aggregate", aggregate, ("majority", "any"))
-    tags = bool_option("read_dicom_tags", read_dicom_tags)
+    aggregate = option("aggregate", aggregate, str, choices=("majority", "any"))
+    tags = option("read_dicom_tags", read_dicom_tags, bool)
     policy = split_policy(split, split_seed, split_fractions, val_fraction, official=True)
     problems = Problems(NAME)
     presence = Presence(missing, problems)

@@ -109,9 +109,7 @@ class ImageSource(Source):
     def _prepare(self, image: np.ndarray, source: str) -> torch.Tensor:
         """(H, W[, 3]) native image -> (C, S, S) float16 in [0, 1] (C = 1 for grayscale)."""
         gray = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1)
-        t = self.pre.to_tensor(image, source)
-        t = t[:1] if gray else t
-        return self.pre.resize(t[None].float())[0].to(torch.float16)
+        return self.pre.scaled(image, source, expand=not gray).to(torch.float16)
 
     def _item(self, row: int) -> torch.Tensor:
         i = int(self.indices[row])

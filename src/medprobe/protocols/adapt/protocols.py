@@ -239,6 +239,7 @@ class AdaptProtocol(Protocol):
 
     Options: ClassVar[type] = TrainOptions
     backbone_lr_ratio: ClassVar[float] = 0.1  # default backbone_lr = lr * ratio
+    uses_store = False  # trains on images, never on cached features
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
@@ -477,12 +478,13 @@ class Scratch(AdaptProtocol):
     backbone_lr_ratio = 1.0
 
     def build(self, unit: Unit, options: ScratchOptions, ctx: UnitContext):
-        bb = ctx.backbone_config.build(weights="random")
+        bc = ctx.backbone_config
+        bb = bc.build(weights="random")
         size = ctx.image_size or bb.default_image_size
         stem = None
         if options.small_input_stem == "on" or (options.small_input_stem == "auto" and size <= 64):
             stem = small_input_stem(bb)
         info = {"weights": "random (scratch)", "small_input_stem": stem}
-        if str(getattr(bc, "weights", "random")) != "random":
+        if not bc.is_random:
             info["note"] = f"configured weights {bc.weights!r} ignored: scratch always starts from random weights"
         return self.classifier(BackboneEncoder(bb, options.head_input), options, ctx), bb, info

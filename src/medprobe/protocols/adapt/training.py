@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from medprobe.errors import MedprobeError
+from medprobe.fsutil import atomic_write
 from medprobe.metrics import metric_value
 from medprobe.protocols.adapt.augment import Augmenter
 from medprobe.protocols.adapt.data import Batch, Source
@@ -81,12 +82,23 @@ class FitResult:
 
 # --------------------------------------------------------------------------- losses and scores
 def loss_fn(task: str, weights: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy (binary/multiclass, ``weights`` per class) or BCE (multi-label, ``weights`` = pos_weight)."""
+    """Cross-entropy (binary/multiclass, ``weights`` per class) or BCE (multi-label, ``weights`` = pos_weight;
+    missing targets, ``-1``, are masked out: the mean is over the known targets of the batch)."""
     if task == "multilabel":
-        return lambda logits, y: nn.functional.binary_cross_entropy_with_logits(
-            logits.float(), y.float(), pos_weight=None if weights is None else weights.to(logits.device))
+        return lambda logits, y: masked_bce(logits, y, None if weights is None else weights.to(logits.device))
     return lambda logits, y: nn.functional.cross_entropy(
         logits.float(), y, weight=None if weights is None else weights.to(logits.device))
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-label BCE with logits over the known targets (``y >= 0``); the plain mean when none is missing."""
+    y = y.float()
+    known = y >= 0
+    per = nn.functional.binary_cross_entropy_with_logits(logits.float(), y.clamp_min(0), pos_weight=pos_weight,
+                                                         reduction="none")
+    if bool(known.all()):
+        return per.mean()
+    return (per * known).sum() / known.sum().clamp_min(1)
 
 
 def balanced_weights(labels: np.ndarray, task: str, num_classes: int) -> torch.Tensor:
@@ -381,7 +393,4 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write a checkpoint atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(state, fh))

@@ -73,10 +73,13 @@ class ReportGenerationOptions:
         require(self.num_beams >= 1, f"num_beams: must be >= 1, got {self.num_beams}")
         require(self.lora_rank >= 1, f"lora_rank: must be >= 1, got {self.lora_rank}")
         require(self.bootstrap is None or self.bootstrap >= 0, f"bootstrap: must be >= 0, got {self.bootstrap}")
-        for name in ("chexbert", "radgraph"):
-            if getattr(self, name) is not None:
-                from medprobe.text_metrics import clinical_scorer
-                clinical_scorer(name, getattr(self, name))
+        if self.chexbert is not None:
+            from medprobe.text_metrics import CheXbertScorer, _require_weights
+            _require_weights("chexbert", self.chexbert)
+            CheXbertScorer.files(self.chexbert)
+        if self.radgraph is not None:
+            from medprobe.text_metrics import clinical_scorer
+            clinical_scorer("radgraph", self.radgraph)
 
 
 def _reports(dataset: ImageDataset, split: str | None = None) -> dict[str, str]:
@@ -130,6 +133,10 @@ class ReportGeneration(Protocol):
             raise ConfigError(f"lm: {options.lm!r} takes at most {limit} positions, fewer than the prompt plus "
                               f"max(max_target_tokens, max_new_tokens) = {longest}; lower them")
         params = {"lm_name": options.lm.rstrip("/").split("/")[-1], "lm_weights": lm_identity(options.lm)}
+        if options.chexbert is not None:
+            from medprobe.backbones.ref import weights_digest
+            from medprobe.text_metrics import CheXbertScorer
+            params["chexbert_weights"] = weights_digest(str(CheXbertScorer.files(options.chexbert)[0]))
         return [Unit(self.name, dict(params), s) for s in seeds]
 
     def run(self, unit: Unit, options: ReportGenerationOptions, ctx: UnitContext) -> UnitResult:
@@ -172,6 +179,10 @@ class ReportGeneration(Protocol):
         boot = ctx.bootstrap if options.bootstrap is None else options.bootstrap
         metrics = text_metrics(generated, refs["test"], bootstrap=boot, seed=unit.seed,
                                use_stemmer=options.rouge_stemmer)
+        if options.chexbert is not None:
+            from medprobe.text_metrics import clinical_scorer
+            metrics.append(clinical_scorer("chexbert", options.chexbert).macro_f1(generated, refs["test"], boot,
+                                                                                  unit.seed))
         info.update(trainable_parameters=int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                     image_tokens=n_tokens, block=block, precision=settings.precision, train_reports=len(targets),
                     truncated_train_reports=cut, decoding=options.decoding if beams > 1 else "greedy")

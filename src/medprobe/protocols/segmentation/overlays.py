@@ -9,12 +9,13 @@ Files on disk (not memory) hold the predictions, so a resumed run still draws al
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from medprobe.fsutil import atomic_write, slug
 
 
 @dataclass
@@ -27,9 +28,6 @@ class CasePicture:
     pred: np.ndarray  # (H, W) labels
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80] or "x"
-
 
 def save_cases(folder: Path, variant: str, seed: int, cases: Sequence[CasePicture]) -> Path:
     """Store one unit's overlay cases (image, truth, prediction) for :func:`draw`."""
@@ -41,10 +39,7 @@ def save_cases(folder: Path, variant: str, seed: int, cases: Sequence[CasePictur
         arrays[f"pred{k}"] = c.pred.astype(np.int16)
     meta = {"variant": variant, "seed": int(seed), "keys": [c.key for c in cases]}
     path = folder / f"{slug(variant)}__seed{int(seed)}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, meta=np.asarray(json.dumps(meta)), **arrays))
 
 
 def _load(folder: Path) -> dict[str, dict]:

@@ -8,6 +8,9 @@ Experiment file::
         epochs: 20
         shots: [1, 4, 16]      # optional few-shot: n training images/volumes, `draws` draws each
         draws: 3
+        surface: true          # HD95, ASSD, NSD in mm (voxel spacing from the volume's affine)
+        tolerance_mm: 1.0      # NSD tolerance
+        empty: one             # class absent from truth and prediction: Dice/Jaccard/NSD 1 (one) or NaN (nan)
 
 One unit per decoder x seed (and per decoder x shots x draw). Frozen decoders train on the
 cached multi-block patch grids of the feature store when ``augment`` is off (the backbone
@@ -29,6 +32,7 @@ import torch
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset, record_metadata
 from medprobe.errors import ConfigError, DataError
+from medprobe.fsutil import slug
 from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
 from medprobe.data.volume import to_source
@@ -369,10 +373,10 @@ class Segmentation(Protocol):
         if written:
             info["nifti"] = [str(w) for w in written]
         if pictures:
-            out_dir = ctx.work_dir.parent.parent
-            folder = out_dir / "plots" / ".segmentation" / overlays.slug(f"{ctx.dataset_name}__{ctx.backbone_name}")
+            plots = ctx.plots_dir or ctx.work_dir / "plots"
+            folder = plots / ".segmentation" / slug(f"{ctx.dataset_name}__{ctx.backbone_name}")
             overlays.save_cases(folder, self.variant(p), unit.seed, pictures)
-            pngs = overlays.draw(folder, out_dir / "plots", f"{ctx.dataset_name}_{ctx.backbone_name}",
+            pngs = overlays.draw(folder, plots, f"{ctx.dataset_name}_{ctx.backbone_name}",
                                  ds.task.class_names, order=options.decoders)
             info["overlays"] = [str(x) for x in pngs]
         info["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -419,7 +423,7 @@ class Segmentation(Protocol):
                                       tolerance_mm=options.tolerance_mm, empty=options.empty)
         key = ds.records[index].key
         if volumetric and options.write_nifti:
-            target = ctx.work_dir / "predictions" / f"{overlays.slug(key)}.nii.gz"
+            target = ctx.work_dir / "predictions" / f"{slug(key)}.nii.gz"
             if callable(getattr(ds, "geometry", None)) and getattr(ds, "orientation", "canonical") == "canonical":
                 geom = ds.geometry(index)  # back to the file's own grid and axis order
                 written.append(write_nifti(target, to_source(pred, geom), geom.source_affine))
