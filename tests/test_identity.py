@@ -31,8 +31,12 @@ REQUIRED = {"metadata": {"columns": ["sex", "view"]}, "freeze_blocks": {"k": [0,
 # fields whose valid values depend on the dataset (3 segmentation classes, a tiny ViT's blocks)
 # fields no offline value can be given for (the scorer loads real published weights)
 UNTESTABLE = {"report_generation.chexbert": "needs the released CheXbert weights",
-              "report_generation.radgraph": "needs the released RadGraph weights"}
-SPECIAL = {"segmentation.class_weights": [[1.0, 2.0, 1.0]], "segmentation.blocks": [[0, 1, 2, 3]]}
+              "report_generation.radgraph": "needs the released RadGraph weights",
+              "fewshot.linear.folds": "few-shot draws its own training sets: only null is valid",
+              "fewshot.linear.train_subset": "few-shot draws its own training sets: only [] is valid",
+              "metadata.linear.train_subset": "applies to the linear protocol only: only [] is valid"}
+SPECIAL = {"segmentation.class_weights": [[1.0, 2.0, 1.0]], "segmentation.blocks": [[0, 1, 2, 3]],
+           "zero_shot.class_prompts": [{"nodule": ["a lung nodule"]}]}
 
 
 @pytest.fixture(scope="module")

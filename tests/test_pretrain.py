@@ -349,3 +349,248 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     from medprobe.backbones import create_backbone
     bb = create_backbone("dinov2_vits14_reg", weights=str(ddp), tiny=True)
     assert bb.forward_tokens(torch.zeros(1, 3, 28, 28)).cls.shape == (1, 48)
+
+
+# --------------------------------------------------------------------------- issue 15: RAD-DINO recipe
+def test_side_uniform_crops_follow_rad_dino():
+    """crops.mode side: square crops with side ~ U(259, 518) -> 518 and U(104, 259) -> 196, scaled with global_size."""
+    rad = CropsConfig(mode="side", global_size=518, local_size=196)
+    assert rad.side_range("global") == (259.0, 518.0) and rad.side_range("local") == (104.0, 259.0)
+    half = CropsConfig(mode="side", global_size=259, local_size=98)
+    assert half.side_range("global") == pytest.approx((129.5, 259.0))
+    assert half.side_range("local") == pytest.approx((52.0, 129.5))
+    aug = MultiCrop(CropsConfig(mode="side", global_size=56, local_size=28, n_local=2), AugmentConfig())
+    rng = random.Random(0)
+    for which, (lo, hi) in (("global", (28, 56)), ("local", (104 * 56 / 518, 259 * 56 / 518))):
+        sides = []
+        for _ in range(400):
+            top, left, h, w = aug.box(56, 60, which, rng)
+            assert h == w and 0 <= top <= 56 - h and 0 <= left <= 60 - w
+            sides.append(h)
+        assert round(lo) <= min(sides) and max(sides) <= round(hi)
+        assert np.mean(sides) == pytest.approx((lo + hi) / 2, abs=1.0)  # uniform on the side, not the area
+        assert min(sides) <= lo + 2 and max(sides) >= hi - 2
+    assert aug.box(30, 40, "global", rng)[2] <= 30  # capped by a smaller image
+    views = aug(torch.rand(1, 56, 56, generator=torch.Generator().manual_seed(0)), random.Random(1))
+    assert [tuple(v.shape) for v in views.globals + views.locals] == [(1, 56, 56)] * 2 + [(1, 28, 28)] * 2
+    with pytest.raises(ConfigError, match="crops.mode"):
+        parse_pretrain_config(tiny_config(Path("unused"), crops={"mode": "sides"}))
+
+
+def test_65536_prototypes_fit_in_memory_and_train(tmp_path):
+    """DINOv2/RAD-DINO's 65,536 prototypes: the ViT-B head has DINOv2's parameter count; a tiny-width run trains."""
+    with torch.device("meta"):
+        head = DINOHead(768, 65536, hidden=2048, bottleneck=256, layers=3)
+        # the reference: DINOv2's head, an MLP and torch's weight_norm(Linear(256, 65536, bias=False))
+        ref = torch.nn.ModuleList([torch.nn.Linear(768, 2048), torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 256),
+                                   torch.nn.utils.parametrizations.weight_norm(
+                                       torch.nn.Linear(256, 65536, bias=False))])
+    n = sum(p.numel() for p in head.parameters())
+    assert n == sum(p.numel() for p in ref.parameters())
+    assert n * 4 < 100 * 2 ** 20  # under 100 MiB in fp32 per head copy
+    raw = tiny_config(tmp_path / "big", train={"steps": 2, "checkpoint_every": 2},
+                      loss={"prototypes": 65536, "ibot_prototypes": 65536, "head_hidden": 16, "bottleneck": 8})
+    pretrain(raw, progress=False)
+    rows = read_losses(tmp_path / "big" / "losses.csv")
+    assert all(math.isfinite(r["total"]) for r in rows)
+    state = torch.load(tmp_path / "big" / "checkpoints" / "step_0000002.pt", weights_only=False)
+    assert state["student"]["dino_head.prototypes.weight"].shape == (65536, 8)
+    assert state["student"]["ibot_head.gain"].shape == (65536, 1)
+
+
+class _RefDINOv2Head(torch.nn.Module):
+    """DINOv2's DINOHead as its repository builds it: mlp (Linear, GELU, ...) then a weight-normalised last layer."""
+
+    def __init__(self, in_dim, out_dim, hidden, bottleneck, new_weight_norm=False):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                                       torch.nn.GELU(), torch.nn.Linear(hidden, bottleneck))
+        wn = torch.nn.utils.parametrizations.weight_norm if new_weight_norm else torch.nn.utils.weight_norm
+        self.last_layer = wn(torch.nn.Linear(bottleneck, out_dim, bias=False))
+
+    def forward(self, x):
+        return self.last_layer(torch.nn.functional.normalize(self.mlp(x), dim=-1))
+
+
+def _dinov2_teacher_checkpoint(path, new_weight_norm=False, ibot=True, extra=None):
+    """A DINOv2 ``teacher_checkpoint.pth`` for the tiny ViT-S/14 (width 48) and the tiny_config heads."""
+    torch.manual_seed(3)
+    heads = {"dino_head": _RefDINOv2Head(48, 32, 32, 16, new_weight_norm)}
+    if ibot:
+        heads["ibot_head"] = _RefDINOv2Head(48, 32, 32, 16, new_weight_norm)
+    sd = {"backbone.cls_token": torch.zeros(1, 1, 48)}
+    for name, h in heads.items():
+        with torch.no_grad():  # trained gains differ from 1: they must be kept
+            g = next(p for n, p in h.named_parameters() if n.endswith(("weight_g", "original0")))
+            g.uniform_(0.5, 2.0)
+        sd.update({f"{name}.{k}": v for k, v in h.state_dict().items()})
+    sd.update(extra or {})
+    torch.save({"teacher": sd}, path)
+    return heads
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("new_weight_norm", [False, True])
+def test_released_dino_and_ibot_heads_load_exactly(tmp_path, new_weight_norm):
+    from medprobe.pretrain.trainer import Trainer
+    ckpt = tmp_path / "teacher_checkpoint.pth"
+    ref = _dinov2_teacher_checkpoint(ckpt, new_weight_norm)
+    trainer = Trainer(parse_pretrain_config(tiny_config(tmp_path / "out", heads={"weights": str(ckpt)})),
+                      progress=False)
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name in ("dino_head", "ibot_head"):
+            want = ref[name](x)
+            torch.testing.assert_close(getattr(trainer.student, name)(x), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(getattr(trainer.teacher, name)(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ibot": False}, r"not in the file: ibot_head\.gain, ibot_head\.mlp\.0\.bias"),
+    ({"extra": {"dino_head.extra.weight": torch.zeros(2)}}, r"no place in the model: dino_head\.extra\.weight"),
+    ({"extra": {"student_thing": torch.zeros(2)}}, r"no place in the model: student_thing"),
+    ({"loss": {"prototypes": 64}}, r"another shape: dino_head\.gain \(file \(32, 1\), run \(64, 1\)\)"),
+])
+def test_head_weights_that_do_not_fit_name_the_keys(tmp_path, change, message):
+    from medprobe.errors import WeightsError
+    from medprobe.pretrain.trainer import Trainer
+    ckpt = tmp_path / "teacher_checkpoint.pth"
+    _dinov2_teacher_checkpoint(ckpt, new_weight_norm=True, ibot=change.get("ibot", True), extra=change.get("extra"))
+    raw = tiny_config(tmp_path / "out", heads={"weights": str(ckpt)}, loss=change.get("loss", {}))
+    with pytest.raises(WeightsError, match=message):
+        Trainer(parse_pretrain_config(raw), progress=False)
+
+
+def test_continual_pretraining_of_the_hugging_face_rad_dino(tmp_path):
+    """backbone rad_dino (transformers Dinov2Model) from a save_pretrained folder: trains, writes a loadable teacher."""
+    from medprobe.backbones import create_backbone
+    from medprobe.pretrain.meta_arch import param_groups
+    from medprobe.pretrain.trainer import Trainer
+    start = create_backbone("rad_dino", tiny=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        start.model.embeddings.mask_token.normal_()
+    start.model.save_pretrained(tmp_path / "rad-dino")
+    raw = tiny_config(tmp_path / "out", backbone={"name": "rad_dino", "tiny": True, "weights": str(tmp_path / "rad-dino")},
+                      train={"steps": 3, "checkpoint_every": 3})
+    trainer = Trainer(parse_pretrain_config(raw), progress=False)
+    for k, v in start.model.state_dict().items():  # every tensor, the mask token included, from the folder
+        torch.testing.assert_close(trainer.student.backbone.state_dict()[k], v, rtol=0, atol=0)
+    assert trainer.student.mask_token is trainer.student.backbone.embeddings.mask_token
+    groups = param_groups(trainer.student, 0.5, 0.2)
+    mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    layers = trainer.student.backbone.encoder.layer
+    assert mult[id(next(layers[0].parameters()))] == pytest.approx(0.5 ** 4)  # block 1 of 4: decay^(4 + 1 - 1)
+    assert mult[id(trainer.student.backbone.embeddings.cls_token)] == pytest.approx(0.5 ** 5)
+    path = trainer.run()
+    rows = read_losses(tmp_path / "out" / "losses.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["total"]) and r["ibot"] > 0 for r in rows)
+    loaded = create_backbone("rad_dino", weights=str(path), tiny=True)
+    assert not torch.equal(loaded.model.embeddings.mask_token, start.model.embeddings.mask_token)  # trained
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cls, patch = trainer.teacher.tokens(x)
+        got = loaded.forward_tokens(x)
+    torch.testing.assert_close(got.cls, cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.patch_grid.flatten(2).transpose(1, 2), patch, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- several sources, probe
+def test_mixture_sampler_weights_order_and_state():
+    from medprobe.pretrain.data import MixtureSampler
+    a = MixtureSampler([30, 10], [0.75, 0.25], 8, seed=4)
+    draws = [key for step in range(300) for key in a.indices(step)]
+    share = np.mean([s == 0 for s, _ in draws])
+    assert share == pytest.approx(0.75, abs=4 * math.sqrt(0.75 * 0.25 / len(draws)))
+    firsts = [i for s, i in draws if s == 0][:30]
+    assert sorted(firsts) == list(range(30))  # each pass over a source is a permutation (no replacement)
+    assert [i for s, i in draws if s == 1][:10] != list(range(10))  # shuffled
+    b = MixtureSampler([30, 10], [0.75, 0.25], 8, seed=4)
+    assert [b.indices(t) for t in (0, 7, 3)] == [draws[0:8], draws[56:64], draws[24:32]]  # a pure function of step
+    assert MixtureSampler([30, 10], [0.75, 0.25], 8, seed=5).indices(0) != draws[:8]
+    state = a.state_dict(150)
+    assert sum(state["drawn"]) == 150 * 8
+    c = MixtureSampler([30, 10], [0.75, 0.25], 8, seed=4)
+    c.load_state_dict(state)
+    assert c.indices(150) == draws[1200:1208]
+    with pytest.raises(ConfigError, match="changed size"):
+        MixtureSampler([31, 10], [0.75, 0.25], 8, seed=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"adapter": "phantom", "sources": [{"adapter": "phantom"}]}, "inside each source"),
+    ({"sources": [{"adapter": "phantom", "weight": 0}]}, "weight must be > 0"),
+    ({"sources": [{"adapter": "phantom", "folder": "x"}]}, "exactly one"),
+    ({"sources": []}, "at least one source"),
+])
+def test_data_sources_config_errors(tmp_path, data, message):
+    raw = tiny_config(tmp_path)
+    raw["data"] = data
+    with pytest.raises(ConfigError, match=message):
+        parse_pretrain_config(raw)
+
+
+def _mixed_probe_config(out: Path, **probe) -> dict:
+    raw = tiny_config(out)
+    raw["data"] = {"sources": [{"adapter": "phantom", "options": {"n": 24, "size": 32}, "weight": 3},
+                               {"adapter": "phantom", "options": {"n": 10, "size": 40, "seed": 1}, "split": "all",
+                                "weight": 1}]}
+    raw["probe"] = {"adapter": "phantom", "options": {"n": 40, "size": 32}, "every": 2, **probe}
+    return raw
+
+
+def test_mixed_sources_with_probe_resume_exactly(tmp_path):
+    """Two weighted sources and a probe every 2 steps: a killed and resumed run equals an uninterrupted one."""
+    from medprobe.pretrain.probe import read_probe
+    full = pretrain(_mixed_probe_config(tmp_path / "full"), progress=False)
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step_0000004.pt", weights_only=False)
+    assert sum(state["sampler"]["drawn"]) == 4 * 4 and min(state["sampler"]["drawn"]) > 0
+    probe_rows = read_probe(tmp_path / "full" / "probe.csv")
+    assert [r["step"] for r in probe_rows] == [2, 4, 6] and all(0 <= r["value"] <= 1 for r in probe_rows)
+
+    def crash(step: int, row: dict) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_mixed_probe_config(tmp_path / "killed"), progress=False, on_step=crash)
+    pretrain(_mixed_probe_config(tmp_path / "killed"), progress=False)
+    assert read_losses(tmp_path / "killed" / "losses.csv") == read_losses(tmp_path / "full" / "losses.csv")
+    assert read_probe(tmp_path / "killed" / "probe.csv") == probe_rows
+    a, b = torch.load(full, weights_only=True), torch.load(tmp_path / "killed" / "teacher_backbone.pth", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_probe_early_stopping_keeps_the_best_teacher(tmp_path):
+    """patience 1 with an unreachable min_delta: stops at the second evaluation; teacher_best.pth is the first one's
+    teacher, and its probe value is reproduced by scikit-learn on the loaded backbone's features."""
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from medprobe.backbones import create_backbone
+    from medprobe.pretrain.config import ProbeConfig
+    from medprobe.pretrain.probe import Probe, read_probe
+    out = tmp_path / "stop"
+    raw = _mixed_probe_config(out, patience=1, min_delta=5.0)
+    pretrain(raw, progress=False)
+    assert [r["step"] for r in read_losses(out / "losses.csv")] == [1, 2, 3, 4]
+    rows = read_probe(out / "probe.csv")
+    assert [(r["step"], r["best_step"], r["bad_evals"]) for r in rows] == [(2, 2, 0), (4, 2, 1)]
+    info = json.loads((out / "pretrain_info.json").read_text())
+    assert info["stopped_early"] and info["probe"]["stopped_early"] and info["probe"]["best_step"] == 2
+    pretrain(raw, progress=False)  # a rerun does not continue a run its probe stopped
+    assert len(read_losses(out / "losses.csv")) == 4
+    # the best value, recomputed from teacher_best.pth through the backbone wrapper and scikit-learn's AUROC
+    bb = create_backbone("dinov2_vits14", weights=str(out / "teacher_best.pth"), tiny=True)
+    probe = Probe(ProbeConfig(adapter="phantom", options={"n": 40, "size": 32}), 28, bb.preprocess.mean,
+                  bb.preprocess.std)
+    with torch.no_grad():
+        feats = {k: bb.forward_tokens(d.images).cls.double().numpy() for k, d in probe.splits.items()}
+    sc = StandardScaler().fit(feats["train_split"])
+    clf = LogisticRegression(max_iter=1000).fit(sc.transform(feats["train_split"]), probe.splits["train_split"].labels)
+    auc = roc_auc_score(probe.splits["eval_split"].labels, clf.predict_proba(sc.transform(feats["eval_split"]))[:, 1])
+    assert rows[0]["value"] == pytest.approx(auc, abs=1e-6)

@@ -92,15 +92,14 @@ def test_chexbert_scorer_loads_the_release_checkpoint_layout(tmp_path):
 
 def test_text_examples_pick_spread_rows():
     from medprobe.predictions import Predictions, SplitPredictions
-    from medprobe.results.text_examples import text_examples, text_examples_html
+    from medprobe.results.text_examples import text_examples
     sp = SplitPredictions([f"k{i}" for i in range(5)], [f"p{i}" for i in range(5)],
                           {"reference": np.array(REFS), "generated": np.array(HYPS)})
     pred = Predictions("text", "text", (), {"test": sp})
     rows = text_examples(pred, 3)
     assert [r["key"] for r in rows] == ["k0", "k2", "k4"]
     assert rows[1]["generated"] == HYPS[2] and rows[1]["reference"] == REFS[2]
-    page = text_examples_html(pred, 2)
-    assert page.count("<tr>") == 3 and "&lt;" not in page and HYPS[-1] in page
+    assert [r["key"] for r in text_examples(pred, 2)] == ["k0", "k4"]
 
 
 # --------------------------------------------------------------------------- phantom findings
@@ -288,6 +287,9 @@ def test_protocol_runs_through_medprobe_run(tmp_path, scratch_lm):
     assert [truth[k] for k in sp.keys] == list(sp.columns["reference"])
     from medprobe.text_metrics import rouge_l_scores
     assert v == pytest.approx(rouge_l_scores(list(sp.columns["generated"]), list(sp.columns["reference"])).mean())
+    assert main(["report", str(tmp_path / "out"), "--html"]) == 0  # a few examples in the HTML report
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Generated reports" in page and sp.columns["generated"][0].split(".")[0] in page
 
 
 def test_training_lowers_the_loss_and_lora_trains_adapters_only(scratch_lm):
@@ -342,6 +344,16 @@ def test_bad_input_fails_before_training(tmp_path, scratch_lm):
     with pytest.raises(ConfigError, match="positions"):
         plan_experiment(load_experiment(_experiment(tmp_path, scratch_lm, max_new_tokens=400)))
     assert not (tmp_path / "out" / "results.db").exists()
+
+
+def test_scratch_tokenizer_round_trips_report_text():
+    from medprobe.protocols.report_generation.lm import word_level_tokenizer
+    tok = word_level_tokenizer(REFS)
+    for text in REFS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert tok(["unseen words"], add_special_tokens=False)["input_ids"][0] == [tok.unk_token_id] * 2
 
 
 def test_protocol_is_listed():

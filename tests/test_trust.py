@@ -269,3 +269,15 @@ def test_dry_run_refuses_a_dataset_without_a_test_split(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "needs a 'test' split" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("meta", ['{"hello": 1}', '[1, 2, 3]', '"text"'])
+def test_a_meta_json_that_is_not_a_store_is_rebuilt_and_said(tmp_path, capsys, meta):
+    path = _write(tmp_path, {"knn": {"k": [3]}})
+    _run(path)
+    (store,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    (store / "meta.json").write_text(meta)
+    (tmp_path / "run" / "results.db").unlink()  # run the unit again: it must read its features afresh
+    assert _run(path).done == 1
+    assert "is damaged" in capsys.readouterr().err
+    assert (store / "meta.json").read_text() != meta

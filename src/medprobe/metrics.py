@@ -262,7 +262,11 @@ def _aggregate_note(values: np.ndarray, cols: list[str], notes: list[str | None]
         return reasons or f"undefined for class {cols[0]!r}"
     if len(bad) == len(cols):
         return "undefined for every class" + (f" ({reasons})" if reasons else "")
-    return f"macro over {len(cols) - len(bad)} of {len(cols)} classes; excluded (undefined): {', '.join(bad)}"
+    missing = [f"{c!r}" for c, v, n in zip(cols, values, notes) if np.isnan(v) and n and "not labelled" in n]
+    undefined = [b for b in bad if b not in missing]
+    parts = ([f"excluded (undefined): {', '.join(undefined)}"] if undefined else []) + \
+        ([f"excluded (not labelled, missing targets): {', '.join(missing)}"] if missing else [])
+    return f"macro over {len(cols) - len(bad)} of {len(cols)} classes; " + "; ".join(parts)
 
 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: Sequence[str],
@@ -554,13 +558,18 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
     return rows
 
 
+CASE_SD_METRICS = ("dice", "jaccard")  # per-case metrics whose sd across cases is reported
+
+
 def aggregate_cases(per_case: Sequence[Sequence[MetricValue]], *, bootstrap: int = 0, seed: int = 0
               ) -> list[MetricValue]:
     """Average per-case metric values (images or volumes) over cases, per (metric, class).
 
     Undefined per-case values (NaN, e.g. HD95 with an empty prediction) are left out of the
     mean and counted in the note, with the notes the per-case metrics gave. Class-mean rows
-    (``cls=None``) get a percentile bootstrap CI over cases when ``bootstrap`` > 0.
+    (``cls=None``) get a percentile bootstrap CI over cases when ``bootstrap`` > 0. Dice and
+    Jaccard (class mean and per class) also get ``dice_sd`` / ``jaccard_sd``: the sample standard
+    deviation (ddof 1) across the cases, as "mean (sd)" tables report them (RAD-DINO Table 3).
     """
     values: dict[tuple[str, str | None], list[float]] = defaultdict(list)
     notes: dict[tuple[str, str | None], dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -592,6 +601,12 @@ def aggregate_cases(per_case: Sequence[Sequence[MetricValue]], *, bootstrap: int
             lo, hi = (float(x) for x in np.percentile(means, [2.5, 97.5]))
         out.append(MetricValue(metric=key[0], value=mean, cls=key[1], ci_low=lo, ci_high=hi,
                                note="; ".join(parts) or None))
+        if key[0] in CASE_SD_METRICS:
+            good = v[ok]
+            sd = float(good.std(ddof=1)) if len(good) > 1 else float("nan")
+            out.append(MetricValue(metric=f"{key[0]}_sd", value=sd, cls=key[1],
+                                   note=f"sd across {len(good)} cases" if len(good) > 1 else
+                                   f"undefined: {len(good)} case(s) with a value"))
     return out
 
 

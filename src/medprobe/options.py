@@ -40,6 +40,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        concrete = [a for a in args if a is not type(None)]
+        if len(concrete) == 1:  # X | None: X's own error (it names the nested key) rather than a generic one
+            return coerce(value, concrete[0], where)
         for a in args:
             if a is type(None):
                 continue

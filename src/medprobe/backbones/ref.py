@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medprobe.backbones.registry import ResizePolicy
 from medprobe.errors import ConfigError
 
 _DIGESTS: dict[tuple, tuple[str, float]] = {}
@@ -45,13 +46,15 @@ def _stat(path: Path) -> tuple[int, int, int, int]:
 @dataclass
 class BackboneRef:
     """A registered backbone name, its weights (``random``, ``hub`` or a path), tiny configuration
-    and constructor overrides; ``image_size`` (optional) overrides the experiment's."""
+    and constructor overrides; ``image_size`` (optional) overrides the experiment's; ``resize``
+    (optional) replaces the backbone's own resize policy (e.g. ``resize256_crop224``)."""
 
     name: str
     weights: str = "random"
     tiny: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None
+    resize: ResizePolicy | None = None
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -66,9 +69,14 @@ class BackboneRef:
 
     def build(self, weights: str | None = None):
         """The backbone, in eval mode (``weights`` replaces the configured ones, e.g. ``random``)."""
+        from dataclasses import replace
+
         from medprobe.backbones import create_backbone
-        return create_backbone(self.name, self.weights if weights is None else weights, tiny=self.tiny,
-                               overrides=dict(self.overrides))
+        bb = create_backbone(self.name, self.weights if weights is None else weights, tiny=self.tiny,
+                             overrides=dict(self.overrides))
+        if self.resize is not None:  # enters the feature-store identity through Preprocessor.describe()
+            bb.preprocess = replace(bb.preprocess, resize=self.resize)
+        return bb
 
     @property
     def is_random(self) -> bool:
@@ -80,5 +88,8 @@ class BackboneRef:
 
     def identity(self) -> dict[str, Any]:
         """Everything about the backbone that decides its outputs: the weights by content."""
-        return {"name": self.name, "weights": weights_digest(self.weights), "tiny": bool(self.tiny),
-                "overrides": dict(self.overrides)}
+        out = {"name": self.name, "weights": weights_digest(self.weights), "tiny": bool(self.tiny),
+               "overrides": dict(self.overrides)}
+        if self.resize is not None:  # only when set: the keys of runs with the backbone's own policy stay as they were
+            out["resize"] = self.resize
+        return out

@@ -12,19 +12,23 @@ from typing import Any, Literal
 
 from medprobe.errors import ConfigError, suggest
 
+ResizePolicy = Literal["square", "shortest_edge+center_crop", "resize256_crop224"]
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How images must be prepared for one backbone, taken from its model card/processor.
 
     ``mean``/``std`` apply to RGB images scaled to ``input_range`` (``(0, 1)`` for almost
-    every model). ``resize`` is ``"square"`` (resize the whole image to ``size`` x ``size``)
-    or ``"shortest_edge+center_crop"``.
+    every model). ``resize`` is ``"square"`` (resize the whole image to ``size`` x ``size``),
+    ``"shortest_edge+center_crop"`` or ``"resize256_crop224"`` (shortest edge to size * 256/224,
+    centre crop; see :func:`medprobe.data.preprocess.crop_box`).
     """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_range: tuple[float, float] = (0.0, 1.0)
-    resize: Literal["square", "shortest_edge+center_crop"] = "square"
+    resize: ResizePolicy = "square"
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     channels: int = 3
 

@@ -1,8 +1,9 @@
 """Where weights come from: ``random``, ``hub`` (a public id) or a local file/folder.
 
 Local formats: ``.safetensors``, a ``.pth``/``.pt``/``.bin`` state dict (plain or wrapped in
-``state_dict``/``model``/``teacher``/``student``), a DINOv2 original-format checkpoint and a
-Hugging Face ``save_pretrained`` folder. Offline, a hub request fails within seconds with a
+``state_dict``/``model``/``teacher``/``student``), a DINOv2 original-format checkpoint, a
+Hugging Face ``save_pretrained`` folder and medprobe's own fine-tuning ``best.pt``
+(:mod:`medprobe.backbones.finetuned`). Offline, a hub request fails within seconds with a
 message naming the file to download and how to pass it.
 """
 from __future__ import annotations
@@ -99,6 +100,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if path.is_dir():
         path = weights_file(path)
     raw, layout = _read_raw(path)
+    from medprobe.backbones.finetuned import recognise
+    finetuned = recognise(raw, path)  # medprobe's own best.pt: the backbone part, head dropped
+    if finetuned is not None:
+        return Checkpoint(*finetuned)
     sd, conversions = _unwrap(raw, path)
     return Checkpoint(sd, layout, conversions)
 

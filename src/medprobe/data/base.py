@@ -24,7 +24,8 @@ class TaskSpec:
     """The prediction target of a dataset.
 
     ``kind`` is binary (labels 0/1), multiclass (labels 0..C-1), multilabel (multi-hot
-    vectors of length C), segmentation (masks with values 0..C-1, 0 = background) or none
+    vectors of length C; ``-1`` marks a missing target -- a finding the dataset does not label,
+    masked out of every loss and metric, never a negative; see :mod:`medprobe.data.harmonise`), segmentation (masks with values 0..C-1, 0 = background) or none
     (unlabelled images, e.g. for self-supervised pretraining).
     """
 
@@ -43,7 +44,7 @@ class Record:
     key: str
     split: str
     patient_id: str
-    label: Any = None  # int, tuple of 0/1 (multi-label) or None
+    label: Any = None  # int, tuple of 0/1 with -1 = missing (multi-label) or None
     metadata: dict[str, Any] = field(default_factory=dict)
     image_path: str | None = None
     mask_path: str | None = None

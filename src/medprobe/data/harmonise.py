@@ -9,9 +9,13 @@ targets are masked out of every loss (linear probe, adaptation) and metric (each
 scored on the samples labelled for it), and ML-kNN estimates a class only from the samples
 labelled for it.
 
-Each adapter's mapping is a dict ``finding -> native label names`` listed in its module and
-shown by ``medprobe list adapters``; a finding is mapped only when every native label it
-needs is present in the data (else it stays missing).
+Each adapter's mapping is a dict ``HARMONISED: finding -> native label names`` in its module,
+described in ``medprobe list datasets --details NAME`` and recorded in ``dataset.source`` (so
+it enters the fingerprint); a finding is mapped only when every native label it needs is
+present in the data (else it stays missing). Adapters with ``labels: harmonised``: NIH
+ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, RSNA Pneumonia, CANDID-PTX, SIIM-ACR;
+Montgomery and Shenzhen refuse it (tuberculosis only). ``test_on`` (medprobe.experiment.cross)
+uses the shared vocabulary to score a probe trained on one dataset on another.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def any_of(values: Iterable[int]) -> int:
     return 0 if vals and all(v == 0 for v in vals) else MISSING
 
 
-def resolve(mapping: FindingMap, available: Iterable[str], *, case_insensitive: bool = False) -> dict[str, tuple[str, ...]]:
+def resolve(mapping: FindingMap, available: Iterable[str], *, case_insensitive: bool = False
+            ) -> dict[str, tuple[str, ...]]:
     """``mapping`` narrowed to the findings whose native labels are all in ``available`` (spelled as there)."""
     unknown = sorted(set(mapping) - set(CHEST_FINDINGS))
     if unknown:
@@ -91,9 +96,11 @@ def note(mapping: FindingMap) -> str:
     return f"labels=harmonised({'; '.join(parts)})"
 
 
-def describe(mapping: FindingMap) -> str:
-    """Documentation lines: which findings the adapter maps from which native labels, and which are missing."""
-    mapped = [f"{f} <- {' | '.join(mapping[f])}" for f in CHEST_FINDINGS if f in mapping]
-    missing = [f for f in CHEST_FINDINGS if f not in mapping]
-    return ("labels=harmonised: the 18 torchxrayvision findings; mapped: " + "; ".join(mapped)
-            + ". Missing (-1, masked out of losses and metrics): " + (", ".join(missing) or "none") + ".")
+def refuse_tuberculosis(value: object, adapter: str) -> None:
+    """``labels`` of the tuberculosis sets (Montgomery, Shenzhen): only ``native``; ``harmonised`` is refused
+    with the reason (tuberculosis is not one of the 18 findings, so no finding would have a positive)."""
+    if labels_option(value, adapter) == "harmonised":
+        raise ConfigError(f"option labels=harmonised: dataset adapter {adapter!r} labels tuberculosis only, which is "
+                          "not one of the 18 harmonised chest findings (torchxrayvision's vocabulary); its normal "
+                          "images would be negative for every finding and its tuberculosis images missing for all, "
+                          "so no finding has a positive to train on or score; use labels=native")

@@ -50,6 +50,28 @@ def scale_intensity(image: np.ndarray, value_range: tuple[float, float] | None) 
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def crop_box(h: int, w: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """(resized h, resized w, top, left) of the centre crop of side ``size`` from an (h, w) image.
+
+    ``square``: the whole image resized to ``size`` x ``size``. ``shortest_edge+center_crop``:
+    shortest edge to ``size``, centre crop. ``resize256_crop224``: shortest edge to
+    ``round(size * 256 / 224)``, centre crop ``size`` (torchvision's Resize(256) + CenterCrop(224)
+    evaluation, scaled to the image size; the WACV study's preprocessing).
+    """
+    if resize == "square":
+        return size, size, 0, 0
+    if resize not in RESIZE_SCALE:
+        raise ValueError(f"unknown resize policy {resize!r}; allowed: square, {', '.join(RESIZE_SCALE)}")
+    edge = round(size * RESIZE_SCALE[resize])
+    r = edge / min(h, w)
+    nh, nw = max(edge, round(h * r)), max(edge, round(w * r))
+    return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
+#: resize policies with a centre crop: shortest edge scaled to this multiple of the input size
+RESIZE_SCALE = {"shortest_edge+center_crop": 1.0, "resize256_crop224": 256 / 224}
+
+
 class Preprocessor:
     """Callable mapping a list of 2D images (H, W) or (H, W, 3) to a (B, 3, S, S) tensor."""
 
@@ -84,12 +106,10 @@ class Preprocessor:
         s = self.image_size
         mode = self.spec.interpolation
         h, w = batch.shape[-2:]
-        if self.spec.resize == "shortest_edge+center_crop":
-            r = s / min(h, w)
-            nh, nw = max(s, round(h * r)), max(s, round(w * r))
+        if self.spec.resize != "square":
+            nh, nw, top, left = crop_box(h, w, s, self.spec.resize)
             if (nh, nw) != (h, w):
                 batch = F.interpolate(batch, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
-            top, left = (nh - s) // 2, (nw - s) // 2
             return batch[..., top:top + s, left:left + s]
         if (h, w) != (s, s):
             batch = F.interpolate(batch, size=(s, s), mode=mode, align_corners=False, antialias=True)

@@ -68,12 +68,13 @@ def _allocate(n: int, fractions: np.ndarray) -> np.ndarray:
 
 
 def _patient_stratum(labels: list[Any]) -> Any:
-    """One label per patient: any-positive for 0/1 and multi-label, else the majority class."""
+    """One label per patient: any-positive for 0/1 and multi-label (-1 = missing, not positive), else the
+    majority class."""
     vals = [v for v in labels if v is not None]
     if not vals:
         return None
     if isinstance(vals[0], (tuple, list, np.ndarray)):
-        return int(any(any(int(x) for x in v) for v in vals))
+        return int(any(any(int(x) == 1 for x in v) for v in vals))
     if all(v in (0, 1) for v in vals):
         return int(max(vals))
     counts = Counter(vals)

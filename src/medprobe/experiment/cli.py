@@ -51,6 +51,9 @@ def run_and_report(config, quiet: bool = False, args: argparse.Namespace | None 
                     "cluster": ClusterOptions(partition=args.slurm_partition, time_min=args.slurm_time,
                                               gpus=args.slurm_gpus, cpus=args.slurm_cpus)}
     summary = run_experiment(config, progress=not quiet, plan=plan, **parallel)
+    from medprobe.distributed import is_main_process
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return 1 if summary.failed else 0
     print(f"finished {summary.done} units, {summary.skipped_done} already done, {len(summary.failed)} failed "
           f"in {summary.wall_s:.1f} s -> {config.output_path / 'results.db'}")
     if summary.done or summary.skipped_done:

@@ -13,18 +13,25 @@ from typing import Any
 import yaml
 
 from medprobe.backbones.ref import BackboneRef
+from medprobe.backbones.registry import ResizePolicy
 from medprobe.errors import ConfigError
 from medprobe.options import coerce, parse, require
 
 
 @dataclass
 class DatasetConfig:
-    """One ``datasets:`` entry; keys other than these are adapter options."""
+    """One ``datasets:`` entry; keys other than these are adapter options.
+
+    ``test_on``: names of other ``datasets:`` entries the frozen probes trained on this one are also
+    tested on (see :mod:`medprobe.experiment.cross`); it decides which units exist, not how this
+    dataset is read, so it is not part of :meth:`settings`.
+    """
 
     adapter: str
     root: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     headline_metric: str | None = None  # overrides medprobe.data.headline.headline_metric's default
+    test_on: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "root": self.root, **self.options}
@@ -43,6 +50,7 @@ class ExperimentConfig:
     protocols: dict[str, Any]
     seeds: list[int] = field(default_factory=lambda: [0])
     image_size: int | None = None
+    resize: ResizePolicy | None = None  # every backbone's resize policy (a backbone's own `resize:` wins)
     precision: str = "auto"
     batch_size: int = 64
     bootstrap: int = 1000
@@ -69,9 +77,20 @@ class ExperimentConfig:
             adapter = coerce(raw.pop("adapter"), str, f"datasets.{name}.adapter")
             root = coerce(raw.pop("root", None), str | None, f"datasets.{name}.root")
             headline = coerce(raw.pop("headline_metric", None), str | None, f"datasets.{name}.headline_metric")
-            self.dataset_configs[name] = DatasetConfig(adapter, root, raw, headline)
+            test_on = coerce(raw.pop("test_on", None), list[str] | None, f"datasets.{name}.test_on") or []
+            self.dataset_configs[name] = DatasetConfig(adapter, root, raw, headline, test_on)
+        for name, dc in self.dataset_configs.items():
+            for other in dc.test_on:
+                require(other in self.dataset_configs and other != name,
+                        f"datasets.{name}.test_on: {other!r} is not another entry of datasets "
+                        f"(entries: {', '.join(k for k in self.dataset_configs if k != name) or 'none'})")
+            require(len(set(dc.test_on)) == len(dc.test_on), f"datasets.{name}.test_on: {dc.test_on} names a "
+                                                               "dataset twice")
         self.backbone_configs: dict[str, BackboneRef] = {
             name: parse(BackboneRef, raw, f"backbones.{name}") for name, raw in self.backbones.items()}
+        for ref in self.backbone_configs.values():
+            if ref.resize is None:
+                ref.resize = self.resize
 
     @property
     def output_path(self) -> Path:

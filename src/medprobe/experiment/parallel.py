@@ -88,7 +88,7 @@ def run_workers(config: Any, keys: list[str], output_dir: Path, workers: int, la
         with ProcessPoolExecutor(max_workers=len(chunks), mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(worker_main, config, chunk, str(shards / f"worker-{i}-{os.getpid()}.db"),
                                    devices[i], threads) for i, chunk in enumerate(chunks)]
-            return [f.result() for f in futures]
+            return [_outcome(f.result, f"worker {i}") for i, f in enumerate(futures)]
     import submitit
     folder = output_dir / "jobs"
     if launcher == "slurm":
@@ -108,10 +108,13 @@ def run_workers(config: Any, keys: list[str], output_dir: Path, workers: int, la
     jobs = [executor.submit(worker_main, config, chunk, str(shards / f"job-{i}-{os.getpid()}.db"), None, None)
             for i, chunk in enumerate(chunks)]
     log(f"submitted {len(jobs)} {launcher} job(s): {', '.join(str(j.job_id) for j in jobs)}; logs in {folder}")
-    out = []
-    for job in jobs:
-        try:
-            out.append(job.result())
-        except Exception as e:  # a job that died: its shard keeps what it finished; rerun to redo the rest
-            out.append({"done": 0, "failed": [(f"job {job.job_id}", str(e).strip().splitlines()[-1][:500])]})
-    return out
+    return [_outcome(job.result, f"job {job.job_id}") for job in jobs]
+
+
+def _outcome(result: Callable[[], dict[str, Any]], name: str) -> dict[str, Any]:
+    """A worker's outcome; one that died is a failure (its shard keeps what it finished; a rerun redoes the rest)."""
+    try:
+        return result()
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        return {"done": 0, "failed": [(name, f"{type(e).__name__}: {lines[-1][:500]}")]}

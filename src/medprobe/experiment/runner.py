@@ -26,8 +26,10 @@ from medprobe.backbones.ref import BackboneRef
 from medprobe.data.base import ImageDataset
 from medprobe.data.check import split_warnings
 from medprobe.data.headline import headline_metric
+from medprobe.distributed import is_main_process, launched_distributed
 from medprobe.errors import ConfigError, MedprobeError
 from medprobe.experiment.config import ExperimentConfig
+from medprobe.experiment.cross import CrossFeatures, add_cross_units
 from medprobe.experiment.lock import OutputLock
 from medprobe.features import extract_features
 from medprobe.identity import digest
@@ -47,6 +49,7 @@ class PlannedUnit:
     unit: Unit
     variant: str
     record: RunRecord
+    test_on: str | None = None  # a cross-dataset unit: scored on this dataset entry (medprobe.experiment.cross)
 
 
 @dataclass
@@ -182,6 +185,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
                                        backbone_identity=identities[bname], dataset_key=dataset_key, env=env)
                     plan.units.append(PlannedUnit(key, dname, bname, proto, options, unit, variant, record))
             plan.needs[(dname, bname)] = needs
+    add_cross_units(plan, protocol_options, archs, identities, env)
     keys = [u.key for u in plan.units]
     if len(set(keys)) != len(keys):  # two units that would compute the same thing: a protocol bug
         raise ConfigError("two units of this experiment derive the same key; report this as a medprobe bug")
@@ -244,6 +248,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log: Call
     """
     if workers < 1:
         raise ConfigError(f"workers: must be >= 1, got {workers}")
+    if launched_distributed():  # under torchrun: every process runs the units together, rank 0 writes
+        from medprobe.experiment.ranks import run_ranked
+        return run_ranked(config, plan, progress, log, workers, launcher)
     t0 = time.perf_counter()
     plan = plan or plan_experiment(config)
     summary = RunSummary()
@@ -280,7 +287,7 @@ def _extract_stores(plan: Plan, units: list[PlannedUnit], progress: bool) -> Non
     """Extract, here and once, every feature store that ``units`` read (workers then reuse them)."""
     for dname, ds in plan.datasets.items():
         for bname, ref in plan.config.backbone_configs.items():
-            if any(u.dataset == dname and u.backbone == bname and u.protocol.uses_store for u in units):
+            if any(dname in (u.dataset, u.test_on) and u.backbone == bname and u.protocol.uses_store for u in units):
                 needs = plan.needs[(dname, bname)]
                 _Features(plan.config, ds, ref, needs, ref.build, progress)(needs)
 
@@ -316,12 +323,14 @@ def run_units(plan: Plan, pending: list[PlannedUnit], results: ResultsStore, sum
 
             features = _Features(config, ds, ref, plan.needs[(dname, bname)], frozen_backbone, progress)
             memo: dict[str, Any] = {}
+            cross = CrossFeatures(plan, bname, features, frozen_backbone, progress)
             for u in todo:
-                ctx = UnitContext(dataset_name=dname, dataset=ds, backbone_name=bname, backbone_config=ref,
+                features_fn, unit_memo = cross.for_unit(u) if u.test_on else (features, memo)
+                ctx = UnitContext(dataset_name=u.record.dataset, dataset=ds, backbone_name=bname, backbone_config=ref,
                                   image_size=ref.image_size or config.image_size, precision=plan.precision,
                                   batch_size=config.batch_size, bootstrap=config.bootstrap, device=device,
-                                  work_dir=config.output_path / "units" / u.key, features_fn=features,
-                                  backbone_fn=ref.build, memo=memo, plots_dir=config.output_path / "plots")
+                                  work_dir=config.output_path / "units" / u.key, features_fn=features_fn,
+                                  backbone_fn=ref.build, memo=unit_memo, plots_dir=config.output_path / "plots")
                 _run_unit(results, config, u, ctx, summary, log, plan.warnings, plan.headline)
             cached.clear()
 
@@ -341,15 +350,15 @@ def _run_unit(results: ResultsStore, config: ExperimentConfig, u: PlannedUnit, c
     try:
         res = u.protocol.run(u.unit, u.options, ctx)
         stored = None
-        if res.predictions is not None:
+        if res.predictions is not None and is_main_process():  # under torchrun, rank 0 alone writes
             path = predictions_path(config.output_path, u.key)
             sha = write_predictions(res.predictions, path)
             stored = (str(path.relative_to(config.output_path)), sha)
     except Exception as e:  # a failed unit is recorded and the experiment goes on
         msg = str(e) if isinstance(e, MedprobeError) else "".join(traceback.format_exception(e))[-4000:]
         results.fail(u.key, msg, time.perf_counter() - t)
-        summary.failed.append((f"{u.dataset}/{u.backbone}/{u.variant} seed {u.unit.seed}", str(e)))
-        log(f"FAILED {u.dataset} / {u.backbone} / {u.variant} seed {u.unit.seed}: {e}")
+        summary.failed.append((f"{u.record.dataset}/{u.backbone}/{u.variant} seed {u.unit.seed}", str(e)))
+        log(f"FAILED {u.record.dataset} / {u.backbone} / {u.variant} seed {u.unit.seed}: {e}")
         return
     wall = time.perf_counter() - t
     res.info.setdefault("wall_s", wall)
@@ -365,7 +374,8 @@ def dry_run_lines(plan: Plan) -> list[str]:
     lines = [f"experiment {plan.config.name!r}: {len(plan.units)} units -> {Path(plan.config.output_dir) / 'results.db'}"]
     counts: dict[tuple[str, str, str], int] = {}
     for u in plan.units:
-        counts[(u.dataset, u.backbone, u.protocol.name)] = counts.get((u.dataset, u.backbone, u.protocol.name), 0) + 1
+        d = u.record.dataset  # "A->B" for a cross-dataset unit
+        counts[(d, u.backbone, u.protocol.name)] = counts.get((d, u.backbone, u.protocol.name), 0) + 1
     for (d, b, p), n in counts.items():
         lines.append(f"  {d} x {b} x {p}: {n} units")
     for (d, b), needs in plan.needs.items():

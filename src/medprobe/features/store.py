@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -623,7 +624,10 @@ def open_store(path: Path, check: bool = True, full: bool = False) -> FeatureSto
         bad = store.verify() if full else store.check() if check else []
         if bad:
             raise DataError(f"damaged arrays: {', '.join(bad)}")
-    except (DataError, ValueError, KeyError, TypeError):
+    except (DataError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e) if isinstance(e, DataError) else f"{META} is not a feature store's ({type(e).__name__}: {e})"
+        print(f"medprobe: feature store {path} is damaged ({reason}); it is removed and will be rebuilt",
+              file=sys.stderr)
         shutil.rmtree(path, ignore_errors=True)
         return None
     return store

@@ -150,6 +150,8 @@ def rewrite(raw: dict[str, Any], stand_in: dict[str, dict[str, Any]] | None = No
                 raise ConfigError(f"datasets.{dname}: no stand_in declared (task, ndim) to replace it with a {kind}")
             # a seed per entry: two stand-ins of the same kind are different data (and derive different keys)
             datasets[dname] = {**stand_in_entry(kind, stand_in[dname], f"stand_in.{dname}"), "seed": i}
+            if isinstance(raw["datasets"][dname], dict) and "test_on" in raw["datasets"][dname]:
+                datasets[dname]["test_on"] = raw["datasets"][dname]["test_on"]  # cross-dataset units stay
         raw["datasets"] = datasets
     if tiny:
         top = raw.get("image_size")

@@ -11,7 +11,14 @@ processes: ``torchrun --nproc_per_node K -m medprobe pretrain FILE.yaml``.
 Outputs under ``output_dir``: ``checkpoints/step_NNNNNNN.pt`` (full training state, written
 atomically every ``train.checkpoint_every`` steps; a rerun resumes from the newest),
 ``teacher_backbone.pth`` (the EMA teacher's backbone, loadable as ``weights: PATH``),
-``pretrain_info.json`` (how to load it), ``losses.csv`` and ``losses.png``.
+``pretrain_info.json`` (how to load it), ``losses.csv`` and ``losses.png``; with a ``probe``,
+``probe.csv`` (one row per evaluation) and ``teacher_best.pth`` (the teacher of the best one).
+
+Backbones: timm ViTs (teacher written in the DINOv2 original layout) and the transformers
+DINOv2 family, e.g. ``backbone: {name: rad_dino, weights: PATH}`` to continue from the Hugging
+Face RAD-DINO checkpoint (teacher written as a ``Dinov2Model`` state dict, loadable the same
+way). ``heads: {weights: PATH}`` starts the DINO/iBOT heads from a DINOv2 training checkpoint;
+``data: {sources: [...]}`` mixes sources by weight; ``crops: {mode: side}`` is RAD-DINO's cropping.
 """
 from __future__ import annotations
 
@@ -19,15 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medprobe.backbones.ref import BackboneRef
-from medprobe.pretrain.config import (AugmentConfig, CropsConfig, DataConfig, LossConfig,
-                                      PretrainConfig, TrainConfig, load_pretrain_config, parse_pretrain_config)
+from medprobe.pretrain.config import (AugmentConfig, CropsConfig, DataConfig, HeadsConfig, LossConfig,
+                                      PretrainConfig, ProbeConfig, SourceConfig, TrainConfig, load_pretrain_config,
+                                      parse_pretrain_config)
 
 if TYPE_CHECKING:
     from medprobe.pretrain.trainer import StepCallback
 
-__all__ = ["AugmentConfig", "BackboneRef", "CropsConfig", "DataConfig", "LossConfig", "PretrainConfig",
-           "TrainConfig", "load_pretrain_config", "parse_pretrain_config", "pretrain", "pretrain_distributed",
-           "read_losses"]
+__all__ = ["AugmentConfig", "BackboneRef", "CropsConfig", "DataConfig", "HeadsConfig", "LossConfig", "PretrainConfig",
+           "ProbeConfig", "SourceConfig", "TrainConfig", "load_pretrain_config", "parse_pretrain_config", "pretrain",
+           "pretrain_distributed", "read_losses"]
 
 
 def pretrain(config: PretrainConfig | dict[str, Any], resume: bool = True, progress: bool = True,

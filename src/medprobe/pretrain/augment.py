@@ -1,7 +1,8 @@
 """Multi-crop augmentation for self-supervised pretraining (DINOv2, with RAD-DINO's radiograph changes).
 
 Every image gives 2 global and ``n_local`` local views. Each view is a random resized crop
-(area fraction and aspect ratio as torchvision's ``RandomResizedCrop``), a horizontal flip,
+(area fraction and aspect ratio as torchvision's ``RandomResizedCrop``, or, with
+``crops.mode: side``, a square whose side is drawn uniformly in pixels as RAD-DINO), a horizontal flip,
 colour jitter (brightness/contrast for every image; saturation, hue and random grayscale
 only for RGB images), Gaussian blur with a per-view probability and, for the second global
 view, optional solarisation. All randomness comes from a :class:`random.Random` handed in,
@@ -51,6 +52,13 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def side_box(height: int, width: int, side: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, s, s) of a square crop with side drawn from U(side) pixels (RAD-DINO), capped by the image."""
+    s = int(round(rng.uniform(*side)))
+    s = max(1, min(s, height, width))
+    return rng.randint(0, height - s), rng.randint(0, width - s), s, s
 
 
 def resize(image: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
@@ -138,16 +146,24 @@ class MultiCrop:
             img = torch.where(img >= 0.5, 1.0 - img, img)
         return img.contiguous()
 
-    def _view(self, image: torch.Tensor, size: int, scale: list[float], rng: random.Random, blur_p: float,
+    def box(self, height: int, width: int, which: str, rng: random.Random) -> tuple[int, int, int, int]:
+        """The crop (top, left, h, w) of one ``global`` or ``local`` view under the configured mode."""
+        c = self.crops
+        if c.mode == "side":
+            return side_box(height, width, c.side_range(which), rng)
+        scale = c.global_scale if which == "global" else c.local_scale
+        return crop_box(height, width, (scale[0], scale[1]), (c.ratio[0], c.ratio[1]), rng)
+
+    def _view(self, image: torch.Tensor, size: int, which: str, rng: random.Random, blur_p: float,
               solarize_p: float = 0.0) -> torch.Tensor:
         h, w = image.shape[-2:]
-        top, left, ch, cw = crop_box(h, w, (scale[0], scale[1]), (self.crops.ratio[0], self.crops.ratio[1]), rng)
+        top, left, ch, cw = self.box(h, w, which, rng)
         view = resize(image[:, top:top + ch, left:left + cw], size, self.aug.interpolation)
         return self._photometric(view, rng, blur_p, solarize_p)
 
     def __call__(self, image: torch.Tensor, rng: random.Random) -> Views:
         c, a = self.crops, self.aug
-        g1 = self._view(image, c.global_size, c.global_scale, rng, a.blur_p[0])
-        g2 = self._view(image, c.global_size, c.global_scale, rng, a.blur_p[1], a.solarize_p)
-        locs = [self._view(image, c.local_size, c.local_scale, rng, a.blur_p[2]) for _ in range(c.n_local)]
+        g1 = self._view(image, c.global_size, "global", rng, a.blur_p[0])
+        g2 = self._view(image, c.global_size, "global", rng, a.blur_p[1], a.solarize_p)
+        locs = [self._view(image, c.local_size, "local", rng, a.blur_p[2]) for _ in range(c.n_local)]
         return Views([g1, g2], locs)

@@ -37,9 +37,42 @@ def _pair(where: str, value: list[float], lo: float | None = None, hi: float | N
     return a, b
 
 
+def _check_source(where: str, adapter: str | None, folder: str | None, root: str | None,
+                  options: dict[str, Any], value_range: list[float] | None) -> None:
+    require((adapter is None) != (folder is None),
+            f"{where}: give exactly one of 'adapter' (with root/options) or 'folder' (a folder of images)")
+    if folder is not None:
+        require(root is None and not options, f"{where}: 'root' and 'options' belong to 'adapter', not 'folder'")
+    if value_range is not None:
+        lo, hi = _pair(f"{where}.value_range", value_range)
+        require(hi > lo, f"{where}.value_range: expected [low, high] with low < high, got {value_range}")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``): an adapter or a folder, and its sampling ``weight``.
+
+    Each batch position draws its source with probability weight / sum(weights); within a
+    source, images are taken in a fresh random order each pass (without replacement).
+    """
+
+    adapter: str | None = None
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+    folder: str | None = None
+    value_range: list[float] | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_source("data.sources[]", self.adapter, self.folder, self.root, self.options, self.value_range)
+        require(self.weight > 0, f"data.sources[].weight must be > 0, got {self.weight}")
+
+
 @dataclass
 class DataConfig:
-    """Unlabelled images: a dataset adapter (labels ignored) or a folder of image files.
+    """Unlabelled images: a dataset adapter (labels ignored) or a folder of image files, or a
+    weighted mixture of several (``sources: [{adapter or folder, ..., weight}, ...]``).
 
     ``split``: records of this split only (``all`` = every record). ``image_size``: images
     are centre-cropped to a square and, when larger, downscaled to this size before the
@@ -54,35 +87,53 @@ class DataConfig:
     folder: str | None = None
     image_size: int | None = None
     value_range: list[float] | None = None
+    sources: list[SourceConfig] | None = None
 
     def __post_init__(self) -> None:
-        require((self.adapter is None) != (self.folder is None),
-                "data: give exactly one of 'adapter' (with root/options) or 'folder' (a folder of images)")
-        if self.folder is not None:
-            require(self.root is None and not self.options, "data: 'root' and 'options' belong to 'adapter', "
-                    "not 'folder'")
+        if self.sources is not None:
+            require(len(self.sources) >= 1, "data.sources: give at least one source")
+            require(self.adapter is None and self.folder is None and self.root is None and not self.options
+                    and self.value_range is None and self.split == "train",
+                    "data: with 'sources', give adapter/folder/root/options/split/value_range inside each source")
+        else:
+            _check_source("data", self.adapter, self.folder, self.root, self.options, self.value_range)
         if self.image_size is not None:
             require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
-        if self.value_range is not None:
-            lo, hi = _pair("data.value_range", self.value_range)
-            require(hi > lo, f"data.value_range: expected [low, high] with low < high, got {self.value_range}")
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources of the run (one for the single-source form)."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [SourceConfig(self.adapter, self.root, dict(self.options), self.split, self.folder,
+                             self.value_range, 1.0)]
+
+
+CropMode = Literal["area", "side"]
 
 
 @dataclass
 class CropsConfig:
     """Multi-crop: 2 global views and ``n_local`` local views.
 
-    Scales are fractions of the image area (as torchvision's RandomResizedCrop). RAD-DINO
-    samples crop sides of U(259, 518) and U(104, 259) px from 518 px images; the defaults
-    here are larger than DINOv2's (0.32-1.0 / 0.05-0.32), as RAD-DINO recommends.
+    ``mode: area`` (default): random resized crops as torchvision's RandomResizedCrop, scales
+    are fractions of the image area, aspect ratios in ``ratio``; the defaults are larger than
+    DINOv2's (0.32-1.0 / 0.05-0.32), as RAD-DINO recommends. ``mode: side`` (RAD-DINO,
+    appendix E.1): square crops whose side is drawn uniformly from ``global_side`` /
+    ``local_side`` pixels (default U(259, 518) and U(104, 259)), stated for a global size of
+    ``side_reference`` (518) and scaled by ``global_size / side_reference`` otherwise, capped by
+    the image side; each crop is resized to ``global_size`` / ``local_size``.
     """
 
     global_size: int = 224
     local_size: int = 98
     n_local: int = 8
+    mode: CropMode = "area"
     global_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    global_side: list[float] = field(default_factory=lambda: [259.0, 518.0])
+    local_side: list[float] = field(default_factory=lambda: [104.0, 259.0])
+    side_reference: int = 518
 
     def __post_init__(self) -> None:
         require(self.global_size >= 1, f"crops.global_size must be >= 1, got {self.global_size}")
@@ -91,6 +142,15 @@ class CropsConfig:
         _pair("crops.global_scale", self.global_scale, 1e-4, 1.0)
         _pair("crops.local_scale", self.local_scale, 1e-4, 1.0)
         _pair("crops.ratio", self.ratio, 1e-2)
+        require(self.side_reference >= 1, f"crops.side_reference must be >= 1, got {self.side_reference}")
+        _pair("crops.global_side", self.global_side, 1.0)
+        _pair("crops.local_side", self.local_side, 1.0)
+
+    def side_range(self, which: Literal["global", "local"]) -> tuple[float, float]:
+        """The crop-side range in pixels of this run's images (``mode: side``)."""
+        lo, hi = self.global_side if which == "global" else self.local_side
+        f = self.global_size / self.side_reference
+        return float(lo) * f, float(hi) * f
 
 
 @dataclass
@@ -230,6 +290,61 @@ class LossConfig:
 
 
 @dataclass
+class HeadsConfig:
+    """Initial DINO/iBOT head weights: ``weights`` is a DINOv2 training checkpoint (``teacher_checkpoint.pth``:
+    ``{"teacher": {"dino_head.*", "ibot_head.*", ...}}``, a full ``{"model": {"teacher.*", "student.*"}}``
+    checkpoint, or a bare ``dino_head.*``/``ibot_head.*`` state dict); ``which`` picks the teacher's or the
+    student's heads of a full checkpoint. Every head tensor must fit ``loss`` (prototypes, widths, layers)."""
+
+    weights: str | None = None
+    which: Literal["teacher", "student"] = "teacher"
+
+
+ProbeMetric = Literal["auroc", "auprc", "accuracy", "loss"]
+
+
+@dataclass
+class ProbeConfig:
+    """A linear probe evaluated every ``every`` steps on the frozen EMA teacher (model selection, early stopping).
+
+    The labelled dataset (``adapter``, ``root``, ``options``) is read once: ``train_split``
+    images fit an L-BFGS logistic regression (scikit-learn, ``C``) on the teacher's CLS
+    features (``features: cls_mean`` appends the mean patch token), scored on ``eval_split``
+    with ``metric`` (``loss`` = the log-loss, lower is better). ``patience`` > 0 stops the
+    run after that many evaluations without an improvement of more than ``min_delta``; the
+    best teacher is kept as ``teacher_best.pth``. ``max_images`` caps each split (first N).
+    """
+
+    adapter: str
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "val"
+    every: int = 100
+    metric: ProbeMetric = "auroc"
+    patience: int = 0
+    min_delta: float = 0.0
+    features: Literal["cls", "cls_mean"] = "cls"
+    image_size: int | None = None
+    batch_size: int = 64
+    C: float = 1.0
+    max_iter: int = 1000
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, f"probe.every must be >= 1, got {self.every}")
+        require(self.patience >= 0, f"probe.patience must be >= 0 (0 = no early stopping), got {self.patience}")
+        require(self.min_delta >= 0, f"probe.min_delta must be >= 0, got {self.min_delta}")
+        require(self.batch_size >= 1, f"probe.batch_size must be >= 1, got {self.batch_size}")
+        require(self.C > 0, f"probe.C must be > 0, got {self.C}")
+        require(self.max_iter >= 1, f"probe.max_iter must be >= 1, got {self.max_iter}")
+        if self.image_size is not None:
+            require(self.image_size >= 8, f"probe.image_size must be >= 8, got {self.image_size}")
+        if self.max_images is not None:
+            require(self.max_images >= 2, f"probe.max_images must be >= 2, got {self.max_images}")
+
+
+@dataclass
 class PretrainConfig:
     """A whole pretraining run (see ``docs`` in :mod:`medprobe.pretrain`)."""
 
@@ -241,6 +356,8 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    probe: ProbeConfig | None = None
 
     @property
     def output_path(self) -> Path:

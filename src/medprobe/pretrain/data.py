@@ -1,10 +1,16 @@
-"""Unlabelled images for pretraining: any dataset adapter (labels ignored) or a folder of images.
+"""Unlabelled images for pretraining: any dataset adapter (labels ignored) or a folder of images,
+or a weighted mixture of several.
 
 A source gives, for an index, a (C, S, S) float tensor in [0, 1] (C = 1 grayscale, 3 RGB),
 centre-cropped to a square and, when larger than ``image_size``, downscaled to it. Batches
 are pure functions of (seed, step): the sample order of each epoch is a permutation drawn
 from (seed, epoch) and each sample's views from (seed, step, position), so a resumed or
 multi-process run sees exactly the same global batches as a single uninterrupted one.
+
+With several sources (:class:`MixtureSampler`), the number of images each source gives to a
+batch is drawn from a multinomial with the sources' weights (from (seed, step)); within a
+source, images follow that source's own sequence of per-pass permutations. The sampler's
+state, how many images each source has given before a step, is saved in every checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from medprobe.data.base import ImageDataset
 from medprobe.data.preprocess import scale_intensity
 from medprobe.errors import ConfigError, DataError
 from medprobe.pretrain.augment import MultiCrop
-from medprobe.pretrain.config import DataConfig
+from medprobe.pretrain.config import DataConfig, SourceConfig
 from medprobe.pretrain.masking import batch_masks
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".ima", ".npy")
@@ -89,17 +95,17 @@ class ImageSource:
         return t.contiguous()
 
 
-def open_source(cfg: DataConfig, image_size: int) -> ImageSource:
+def open_source(cfg: SourceConfig | DataConfig, image_size: int, where: str = "data") -> ImageSource:
     """Build the image source of ``cfg``; :class:`ConfigError` for an empty or missing source."""
     value_range = tuple(cfg.value_range) if cfg.value_range else None
     if cfg.folder is not None:
         from medprobe.data.readers import read_image
         folder = Path(cfg.folder).expanduser()
         if not folder.is_dir():
-            raise ConfigError(f"data.folder {str(folder)!r} is not a folder")
+            raise ConfigError(f"{where}.folder {str(folder)!r} is not a folder")
         files = list_image_files(folder)
         if not files:
-            raise ConfigError(f"data.folder {str(folder)!r} holds no images (looked recursively for "
+            raise ConfigError(f"{where}.folder {str(folder)!r} holds no images (looked recursively for "
                               f"{', '.join(FOLDER_EXTENSIONS)} and extension-less DICOM files)")
         loaders = [lambda p=p: read_image(p) for p in files]
         return ImageSource(loaders, [str(p) for p in files], value_range, image_size,
@@ -107,23 +113,54 @@ def open_source(cfg: DataConfig, image_size: int) -> ImageSource:
     from medprobe.data.adapters import build_dataset
     dataset: ImageDataset = build_dataset(cfg.adapter, cfg.root, **cfg.options)
     if dataset.ndim != 2:
-        raise ConfigError(f"data: adapter {cfg.adapter!r} gives {dataset.ndim}D volumes; pretraining takes 2D images")
+        raise ConfigError(f"{where}: adapter {cfg.adapter!r} gives {dataset.ndim}D volumes; pretraining takes 2D images")
     if cfg.split == "all":
         idx = list(range(len(dataset)))
     else:
         present = dataset.splits()
         if cfg.split not in present:
-            raise ConfigError(f"data.split {cfg.split!r} is not in dataset {dataset.name!r} "
+            raise ConfigError(f"{where}.split {cfg.split!r} is not in dataset {dataset.name!r} "
                               f"(splits: {', '.join(present) or 'none'}; or use 'all')")
         idx = [int(i) for i in dataset.indices(cfg.split)]
     if not idx:
-        raise ConfigError(f"data: dataset {dataset.name!r} has no images in split {cfg.split!r}")
+        raise ConfigError(f"{where}: dataset {dataset.name!r} has no images in split {cfg.split!r}")
     if value_range is None:
         value_range = getattr(dataset, "value_range", None)
     loaders = [lambda i=i: dataset.load_image(i) for i in idx]
     names = [dataset.records[i].image_path or f"{dataset.name}:{dataset.records[i].key}" for i in idx]
     return ImageSource(loaders, names, value_range, image_size,
                        f"{cfg.adapter} {dataset.name} split {cfg.split} ({len(idx)} images)")
+
+
+class MixedSource:
+    """Several :class:`ImageSource` objects; images are addressed by (source, index)."""
+
+    def __init__(self, sources: list[ImageSource], weights: list[float]) -> None:
+        self.sources = sources
+        total = float(sum(weights))
+        self.weights = [float(w) / total for w in weights]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.sources]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def load(self, key: tuple[int, int] | int) -> torch.Tensor:
+        s, i = key if isinstance(key, tuple) else (0, key)
+        return self.sources[s].load(i)
+
+    @property
+    def description(self) -> str:
+        return "; ".join(f"{s.description} weight {w:.3g}" for s, w in zip(self.sources, self.weights))
+
+
+def open_sources(cfg: DataConfig, image_size: int) -> MixedSource:
+    """All sources of ``cfg.data`` (one for the single-source form) with their normalised weights."""
+    listed = cfg.source_list()
+    where = ["data"] if cfg.sources is None else [f"data.sources[{i}]" for i in range(len(listed))]
+    return MixedSource([open_source(c, image_size, w) for c, w in zip(listed, where)], [c.weight for c in listed])
 
 
 def _mix(*values: int) -> int:
@@ -145,36 +182,98 @@ class Batch:
     step: int
 
 
+class MixtureSampler:
+    """Which (source, index) fills each position of the global batch of a step.
+
+    One source: the order of each pass is a permutation drawn from (seed, pass). Several:
+    the per-source counts of a step are multinomial(batch, weights) drawn from (seed, step),
+    their positions shuffled; source s's q-th image is the (q mod n_s)-th of its permutation
+    for pass q // n_s. :meth:`drawn` (the images each source gave before a step) is the state
+    a resumed run restores (:meth:`state_dict` / :meth:`load_state_dict`).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int) -> None:
+        self.sizes, self.weights = list(sizes), np.asarray(weights, dtype=np.float64)
+        self.batch_size, self.seed = batch_size, seed
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._base = (0, np.zeros(len(sizes), dtype=np.int64))
+        self._at = self._base
+
+    def _perm(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 4 * len(self.sizes):
+                self._perms.clear()
+            seed = _mix(self.seed, epoch, 1) if len(self.sizes) == 1 else _mix(self.seed, epoch, 7, source)
+            self._perms[key] = np.random.default_rng(seed).permutation(self.sizes[source])
+        return self._perms[key]
+
+    def _layout(self, step: int) -> np.ndarray:
+        """The source of each batch position of ``step``."""
+        if len(self.sizes) == 1:
+            return np.zeros(self.batch_size, dtype=np.int64)
+        rng = np.random.default_rng(_mix(self.seed, step, 6))
+        counts = rng.multinomial(self.batch_size, self.weights)
+        return rng.permutation(np.repeat(np.arange(len(self.sizes)), counts))
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Images each source gave to steps 0..step-1."""
+        if len(self.sizes) == 1:
+            return np.array([step * self.batch_size], dtype=np.int64)
+        at_step, counts = self._at if self._at[0] <= step else self._base
+        if at_step > step:
+            at_step, counts = 0, np.zeros(len(self.sizes), dtype=np.int64)
+        counts = counts.copy()
+        for t in range(at_step, step):
+            counts += np.bincount(self._layout(t), minlength=len(self.sizes))
+        self._at = (step, counts)
+        return counts.copy()
+
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """(source, index) of every position of the global batch of ``step``."""
+        layout = self._layout(step)
+        q = self.drawn(step)
+        out = []
+        for s in layout.tolist():
+            n = self.sizes[s]
+            out.append((s, int(self._perm(s, int(q[s]) // n)[int(q[s]) % n])))
+            q[s] += 1
+        return out
+
+    def state_dict(self, step: int) -> dict[str, list[int] | int]:
+        return {"step": int(step), "drawn": [int(c) for c in self.drawn(step)], "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["sizes"]) != self.sizes:
+            raise ConfigError(f"the data sources changed size since the checkpoint (was {state['sizes']} images, "
+                              f"now {self.sizes}); use another output_dir or start over with --no-resume")
+        self._base = (int(state["step"]), np.asarray(state["drawn"], dtype=np.int64))
+        self._at = self._base
+
+
 class BatchMaker:
     """Deterministic global batches, sliced for one process."""
 
-    def __init__(self, source: ImageSource, augment: MultiCrop, batch_size: int, seed: int, grid: tuple[int, int],
-                 mask_ratio: tuple[float, float], mask_probability: float, mean: tuple[float, ...],
-                 std: tuple[float, ...], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, source: ImageSource | MixedSource, augment: MultiCrop, batch_size: int, seed: int,
+                 grid: tuple[int, int], mask_ratio: tuple[float, float], mask_probability: float,
+                 mean: tuple[float, ...], std: tuple[float, ...], rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the number of processes "
                               f"{world_size}")
+        if not isinstance(source, MixedSource):
+            source = MixedSource([source], [1.0])
         self.source, self.augment = source, augment
         self.batch_size, self.seed = batch_size, seed
+        self.sampler = MixtureSampler(source.sizes, source.weights, batch_size, seed)
         self.grid, self.mask_ratio, self.mask_probability = grid, mask_ratio, mask_probability
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.rank, self.world_size = rank, world_size
         self.local = batch_size // world_size
-        self._perm: tuple[int, np.ndarray] | None = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng(_mix(self.seed, epoch, 1)).permutation(len(self.source)))
-        return self._perm[1]
-
-    def indices(self, step: int) -> list[int]:
-        """Source indices of the global batch of ``step``."""
-        n = len(self.source)
-        out = []
-        for p in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(int(self._order(p // n)[p % n]))
-        return out
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """(source, index) of the global batch of ``step``."""
+        return self.sampler.indices(step)
 
     def _normalise(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack([v.expand(3, -1, -1) for v in views])

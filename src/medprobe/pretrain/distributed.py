@@ -1,4 +1,5 @@
-"""Distributed setup of pretraining: the process group, the device, local spawning, gradient averaging.
+"""Distributed setup of pretraining: the process group (shared helpers in :mod:`medprobe.distributed`),
+local spawning, gradient averaging.
 
 Under ``torchrun`` (or :func:`spawn_local`) each process takes its slice of every global
 batch; :func:`average_gradients` averages gradients with one all-reduce per step, so all
@@ -7,9 +8,7 @@ processes keep identical weights.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +16,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medprobe.errors import ConfigError
+from medprobe.distributed import Dist, free_port
+from medprobe.distributed import setup_distributed as _setup
 from medprobe.pretrain.config import PretrainConfig
 
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+__all__ = ["Dist", "setup_distributed", "spawn_local", "average_gradients"]
 
 
 def setup_distributed(device_pref: str) -> Dist:
-    """Join (or start, from torchrun's environment) the process group and pick the device."""
-    cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    owns = False
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        owns = True
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    else:
-        device = torch.device("cpu")
-    return Dist(rank, world, device, owns)
+    """Join (or start, from torchrun's environment) the process group and pick the device
+    (:func:`medprobe.distributed.setup_distributed`, errors naming ``train.device``)."""
+    return _setup(device_pref, key="train.device")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_free_port = free_port
 
 
 def _spawn_worker(rank: int, world_size: int, port: int, config: PretrainConfig, kwargs: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from medprobe.errors import ConfigError, WeightsError
 from medprobe.pretrain.config import PretrainConfig
-from medprobe.pretrain.heads import DINOHead, SSLNetwork
+from medprobe.pretrain.heads import DINOHead, SSLNetwork, vit_blocks, vit_width
 from medprobe.pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
@@ -37,16 +37,20 @@ def build_networks(cfg: PretrainConfig) -> tuple[Any, SSLNetwork, SSLNetwork]:
     except ConfigError as e:  # a bad constructor override
         raise ConfigError(f"backbone.overrides: {e}") from None
     vit = backbone.model
-    if getattr(vit, "cls_token", None) is None or not hasattr(vit, "_pos_embed"):
+    hf = backbone.spec.family == "hf"
+    if not hf and (getattr(vit, "cls_token", None) is None or not hasattr(vit, "_pos_embed")):
         raise ConfigError(f"backbone {b.name!r} is not a timm VisionTransformer with a class token")
-    dim = int(vit.embed_dim)
+    dim = vit_width(vit)
     lc = cfg.loss
     dino_head = DINOHead(dim, lc.prototypes, lc.head_hidden, lc.bottleneck, lc.head_layers)
     ibot_head = (DINOHead(dim, lc.ibot_prototypes, lc.head_hidden, lc.bottleneck, lc.head_layers)
                  if lc.separate_ibot_head and lc.ibot_weight > 0 else None)
+    if cfg.heads.weights is not None:
+        from medprobe.pretrain.head_weights import load_heads
+        load_heads(cfg.heads.weights, cfg.heads.which, dino_head, ibot_head)
     student = SSLNetwork(vit, dino_head, ibot_head)
     source = parse_weights(b.weights)
-    if source.kind == "file":  # a DINOv2-format checkpoint (e.g. an earlier run) keeps its mask token
+    if source.kind == "file" and not hf:  # a DINOv2-format checkpoint (e.g. an earlier run) keeps its mask token
         try:
             token = read_state_dict(source.path).get("mask_token")
         except WeightsError:
@@ -75,18 +79,22 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def param_groups(student: SSLNetwork, layer_decay: float, patch_embed_mult: float) -> list[dict[str, Any]]:
-    """AdamW groups with DINOv2's multipliers: layer-wise lr decay, patch-embed lr, no decay on biases/norms."""
-    depth = len(student.backbone.blocks)
+    """AdamW groups with DINOv2's multipliers: layer-wise lr decay, patch-embed lr, no decay on biases/norms/layer scales.
+
+    Block ``i`` is ``blocks.i`` of a timm ViT or ``encoder.layer.i`` of a transformers Dinov2Model;
+    the embeddings (patch, position, class, register and mask tokens) are layer 0.
+    """
+    depth = len(vit_blocks(student.backbone))
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for name, p in student.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("backbone."):
             sub = name[len("backbone."):]
-            m = re.match(r"blocks\.(\d+)\.", sub)
+            m = re.match(r"(?:blocks|encoder\.layer)\.(\d+)\.", sub)
             if m:
                 layer = int(m.group(1)) + 1
-            elif sub.startswith(("pos_embed", "patch_embed", "cls_token", "reg_token")):
+            elif sub.startswith(("pos_embed", "patch_embed", "cls_token", "reg_token", "embeddings.")):
                 layer = 0
             else:
                 layer = depth + 1
@@ -97,8 +105,8 @@ def param_groups(student: SSLNetwork, layer_decay: float, patch_embed_mult: floa
         lr_mult = layer_decay ** (depth + 1 - layer)
         if "patch_embed" in name:
             lr_mult *= patch_embed_mult
-        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
-        last = name.endswith("prototypes.weight")
+        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name or "lambda" in name else 1.0
+        last = name.endswith(("prototypes.weight", "head.gain"))
         groups.setdefault((lr_mult, wd_mult, last), []).append(p)
     return [{"params": ps, "lr_mult": k[0], "wd_mult": k[1], "last_layer": k[2]} for k, ps in groups.items()]
 
@@ -183,7 +191,9 @@ class MetaArch:
         if c <= 0:
             return
         s = self.student
-        modules = [list(s.backbone.parameters()) + [s.mask_token], list(s.dino_head.parameters())]
+        backbone = list(s.backbone.parameters())
+        modules = [backbone + ([s.mask_token] if all(p is not s.mask_token for p in backbone) else []),
+                   list(s.dino_head.parameters())]
         if s.ibot_head is not None:
             modules.append(list(s.ibot_head.parameters()))
         for ps in modules:

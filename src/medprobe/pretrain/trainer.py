@@ -24,7 +24,7 @@ from medprobe.errors import ConfigError, MedprobeError
 from medprobe.fsutil import atomic_write
 from medprobe.pretrain.augment import MultiCrop
 from medprobe.pretrain.config import PretrainConfig
-from medprobe.pretrain.data import BatchMaker, _mix, iterate_batches, open_source
+from medprobe.pretrain.data import BatchMaker, _mix, iterate_batches, open_sources
 from medprobe.pretrain.distributed import average_gradients, setup_distributed
 from medprobe.pretrain.history import CSV_COLUMNS, csv_text, fmt, list_checkpoints, plot_losses
 from medprobe.pretrain.losses import all_reduce_sum
@@ -34,15 +34,20 @@ from medprobe.progress import ProgressBar
 
 CHECKPOINT_FORMAT = 1
 TEACHER_FILE = "teacher_backbone.pth"
+BEST_TEACHER_FILE = "teacher_best.pth"
+PROBE_FILE = "probe.csv"
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
 # --------------------------------------------------------------------------- validation
+HF_ARCHS = ("Dinov2Model", "Dinov2WithRegistersModel")
+
+
 def supported_backbones() -> list[str]:
-    """Registered backbones the trainer can pretrain (timm ViTs with a class token)."""
+    """Registered backbones the trainer can pretrain (timm ViTs with a class token, transformers DINOv2 models)."""
     from medprobe.backbones import list_backbones
-    return [s.name for s in list_backbones() if s.family == "timm" and s.is_vit and s.has_cls_token
-            and "samvit" not in s.arch]
+    return [s.name for s in list_backbones() if s.is_vit and s.has_cls_token
+            and ((s.family == "timm" and "samvit" not in s.arch) or (s.family == "hf" and s.arch in HF_ARCHS))]
 
 
 def validate_config(cfg: PretrainConfig) -> int:
@@ -56,12 +61,14 @@ def validate_config(cfg: PretrainConfig) -> int:
         raise ConfigError(f"backbone {spec.name!r} ({spec.family} {spec.arch}) is not supported for pretraining; "
                           f"supported: {', '.join(supported_backbones())}")
     patch = int(spec.patch_size)
-    for key in ("global_size", "local_size"):
-        size = getattr(cfg.crops, key)
+    sizes = {f"crops.{k}": getattr(cfg.crops, k) for k in ("global_size", "local_size")}
+    if cfg.probe is not None and cfg.probe.image_size is not None:
+        sizes["probe.image_size"] = cfg.probe.image_size
+    for key, size in sizes.items():
         if size % patch:
             lower = size - size % patch
             hint = f"{lower} or {lower + patch}" if lower else str(patch)
-            raise ConfigError(f"crops.{key} {size} is not a multiple of the patch size {patch} of "
+            raise ConfigError(f"{key} {size} is not a multiple of the patch size {patch} of "
                               f"{spec.name}; use e.g. {hint}")
     if cfg.loss.koleo_weight > 0 and cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be >= 2 per process when loss.koleo_weight > 0")
@@ -90,8 +97,19 @@ class Trainer:
         self.out = cfg.output_path
         self.ckpt_dir = self.out / "checkpoints"
         image_size = cfg.data.image_size or cfg.crops.global_size
-        self.source = open_source(cfg.data, image_size)
-        self.source.load(0)  # fail on an unreadable first image before building the model
+        self.source = open_sources(cfg.data, image_size)
+        for src in self.source.sources:
+            src.load(0)  # fail on an unreadable first image before building the model
+        self.probe = None
+        self.tracker = None
+        if cfg.probe is not None:
+            from medprobe.backbones import get_spec
+            from medprobe.pretrain.probe import Probe, ProbeTracker
+            pre = get_spec(cfg.backbone.name).preprocess
+            if self.dist.main:  # evaluated on the main process; the decision is broadcast
+                self.probe = Probe(cfg.probe, cfg.probe.image_size or cfg.crops.global_size, pre.mean, pre.std)
+            self.tracker = ProbeTracker(cfg.probe.metric, cfg.probe.metric != "loss", cfg.probe.patience,
+                                        cfg.probe.min_delta, [])
         seed_everything(cfg.train.seed)
         self.arch = MetaArch(cfg, self.precision, self.dist.device)
         lc, t = cfg.loss, cfg.train
@@ -126,6 +144,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, **self.arch.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "history": self.history,
+                "sampler": self.batches.sampler.state_dict(self.step),
+                "probe": self.tracker.state_dict() if self.tracker is not None else None,
                 "config": self.cfg.fingerprint_dict(), "world_size": self.dist.world_size, "elapsed": self.elapsed}
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
@@ -137,6 +157,10 @@ class Trainer:
                               f"use another output_dir, restore the settings, or start over with --no-resume")
         self.arch.load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        if "sampler" in state:
+            self.batches.sampler.load_state_dict(state["sampler"])
+        if self.tracker is not None and state.get("probe") is not None:
+            self.tracker.load_state_dict(state["probe"])
         self.history = list(state["history"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -173,27 +197,57 @@ class Trainer:
             plot_losses(self.history, self.out / "losses.png", self.cfg.name)
             self._last_plot = time.perf_counter()
 
-    def write_teacher(self, stopped_early: bool = False) -> Path:
-        """Write the teacher backbone in the DINOv2 original layout, plus how to load it."""
+    def teacher_state(self) -> dict[str, torch.Tensor]:
+        """The teacher backbone in the DINOv2 original layout (timm) or its transformers layout (Dinov2Model)."""
         from medprobe.backbones.weights import timm_vit_to_dinov2
+        vit = self.teacher.backbone
+        if self.teacher.hf:
+            sd = dict(vit.state_dict())  # includes embeddings.mask_token
+        else:
+            sd = timm_vit_to_dinov2(vit.state_dict(), self.backbone.spec.num_register_tokens)
+            sd["mask_token"] = self.teacher.mask_token.detach().cpu().clone()
+        return {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+
+    def write_teacher(self, stopped_early: bool = False) -> Path:
+        """Write the teacher backbone (see :meth:`teacher_state`), plus how to load it."""
         path = self.out / TEACHER_FILE
         if not self.dist.main:
             return path
-        vit = self.teacher.backbone
-        sd = timm_vit_to_dinov2(vit.state_dict(), self.backbone.spec.num_register_tokens)
-        sd["mask_token"] = self.teacher.mask_token.detach().cpu().clone()
-        sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        sd = self.teacher_state()
         atomic_write(path, lambda fh: torch.save(sd, fh))
         b = self.cfg.backbone
         info = {"backbone": b.name, "tiny": b.tiny, "overrides": b.overrides, "initial_weights": b.weights,
                 "weights": str(path), "steps_done": self.step, "steps": self.cfg.train.steps,
                 "stopped_early": stopped_early, "precision": self.precision, "world_size": self.dist.world_size,
                 "train_seconds": round(self.elapsed, 1),
+                "probe": None if self.tracker is None else {
+                    "metric": self.tracker.metric, "best_step": self.tracker.best_step,
+                    "best_value": self.tracker.best_value, "stopped_early": self.tracker.stopped,
+                    "best_weights": str(self.out / BEST_TEACHER_FILE), "history": str(self.out / PROBE_FILE)},
                 "load_with": f"create_backbone({b.name!r}, weights={str(path)!r}, tiny={b.tiny}, "
                              f"overrides={b.overrides or None})",
                 "config": self.cfg.to_dict()}
         atomic_write(self.out / "pretrain_info.json", json.dumps(info, indent=1))
         return path
+
+    def evaluate_probe(self) -> bool:
+        """Evaluate the probe on the teacher (main process), log it, keep the best teacher; True = stop early."""
+        assert self.tracker is not None
+        value = math.nan
+        if self.dist.main:
+            from medprobe.pretrain.probe import probe_csv_text
+            with self.arch._autocast():
+                value, n_tr, n_ev = self.probe.evaluate(self.teacher, self.dist.device)
+            better = self.tracker.record(self.step, value, n_tr, n_ev)
+            atomic_write(self.out / PROBE_FILE, probe_csv_text(self.tracker.history))
+            if better:
+                sd = self.teacher_state()
+                atomic_write(self.out / BEST_TEACHER_FILE, lambda fh: torch.save(sd, fh))
+        if self.dist.world_size > 1:  # every process follows the main one's decision
+            flag = torch.tensor([float(self.tracker.stopped)], device=self.dist.device)
+            dist.broadcast(flag, 0)
+            self.tracker.stopped = bool(flag.item())
+        return self.tracker.stopped
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -241,6 +295,12 @@ class Trainer:
             if restored is not None:
                 print(f"medprobe: resuming {cfg.name} from {restored} (step {self.step}/{t.steps})")
             atomic_write(self.out / "losses.csv", csv_text(self.history))
+            if self.tracker is not None:
+                from medprobe.pretrain.probe import probe_csv_text
+                atomic_write(self.out / PROBE_FILE, probe_csv_text(self.tracker.history))
+        stopped_by_probe = self.tracker is not None and self.tracker.stopped
+        if stopped_by_probe and self.dist.main:
+            print(f"medprobe: {cfg.name} was stopped early by its probe at step {self.step} (nothing to do)")
         csv_file = open(self.out / "losses.csv", "a", newline="") if self.dist.main else None
         writer = csv.writer(csv_file, lineterminator="\n") if csv_file else None
         bar = ProgressBar(t.steps, f"pretrain {cfg.backbone.name}", unit="step", initial=self.step,
@@ -249,7 +309,8 @@ class Trainer:
         start_elapsed = self.elapsed
         stopped_early = False
         try:
-            for batch in iterate_batches(self.batches, self.step, t.steps, t.workers):
+            for batch in iterate_batches(self.batches, self.step, t.steps if not stopped_by_probe else self.step,
+                                         t.workers):
                 row = self.train_step(batch)
                 if not all(math.isfinite(row[k]) for k in ("total", "dino", "ibot", "koleo")):
                     raise MedprobeError(f"pretraining diverged at step {row['step']} (loss {row['total']}); "
@@ -269,6 +330,15 @@ class Trainer:
                     flag = torch.tensor([float(out_of_time)], device=self.dist.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     out_of_time = bool(flag.item())
+                if cfg.probe is not None and (self.step % cfg.probe.every == 0 or self.step == t.steps):
+                    if self.evaluate_probe() and self.step < t.steps:
+                        stopped_by_probe = True
+                        self.save_checkpoint()
+                        if self.dist.main:
+                            print(f"medprobe: early stop at step {self.step}/{t.steps}: probe {cfg.probe.metric} did "
+                                  f"not improve for {cfg.probe.patience} evaluations (best "
+                                  f"{self.tracker.best_value:.4g} at step {self.tracker.best_step})")
+                        break
                 if out_of_time and self.step < t.steps:
                     stopped_early = True
                     self.save_checkpoint()
@@ -287,7 +357,7 @@ class Trainer:
         if self.dist.main and self.history:
             atomic_write(self.out / "losses.csv", csv_text(self.history))
             plot_losses(self.history, self.out / "losses.png", cfg.name)
-        path = self.write_teacher(stopped_early)
+        path = self.write_teacher(stopped_early or stopped_by_probe)
         self._barrier()
         return path
 

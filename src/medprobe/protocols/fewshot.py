@@ -55,8 +55,10 @@ def sample_fewshot(labels: np.ndarray, patient_ids: Sequence[str], shots: int, s
         pool = np.flatnonzero(eligible[:, c] & ~chosen)
         if need > 0 and len(pool):
             chosen[rng.choice(pool, size=min(need, len(pool)), replace=False)] = True
-    if task == "multilabel":
-        pool = np.flatnonzero(~eligible.any(1))
+    if task == "multilabel":  # patients with no positive, known to be negative somewhere (not all missing)
+        negative = np.zeros(len(patients), dtype=bool)
+        np.logical_or.at(negative, owner, (y == 0).any(1))
+        pool = np.flatnonzero(~eligible.any(1) & negative)
         if len(pool):
             chosen[rng.choice(pool, size=min(shots, len(pool)), replace=False)] = True
     return np.flatnonzero(chosen[owner])

@@ -20,6 +20,7 @@ from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, Unit
 from medprobe.protocols.fewshot import sample_fewshot
 from medprobe.protocols.knn import knn_predict
 from medprobe.protocols.linear import DEFAULT_LRS, linear_sweep
+from medprobe.protocols.logreg import DEFAULT_CS, logreg_sweep
 from medprobe.protocols.mlknn import mlknn_predict
 
 CLASSIFICATION = ("binary", "multiclass", "multilabel")
@@ -95,7 +96,11 @@ def _predictions(store, target: Target, scores: dict[str, np.ndarray], dataset: 
         keys, pids = store.keys(split), store.patient_ids(split)
         chosen = [keys[i] for i in rows]
         parts[split] = (chosen, [pids[i] for i in rows], target.y[split][rows], sc)
-        if by_key and all(k in by_key for k in chosen):
+        if hasattr(store, "metadata_rows"):  # a cross-dataset view: test rows belong to another dataset
+            metas = store.metadata_rows(split)
+            picked = [metas[i] for i in rows]
+            metadata[split] = {k: [m.get(k) for m in picked] for k in dict.fromkeys(k for m in picked for k in m)}
+        elif by_key and all(k in by_key for k in chosen):
             metadata[split] = record_metadata([by_key[k] for k in chosen])
     return classification_predictions(target.task, target.class_names, parts, metadata=metadata)
 
@@ -160,6 +165,7 @@ class KNN(Protocol):
     summary = "weighted kNN on L2-normalised last-layer features (ML-kNN for multi-label), several k from one search"
     Options = KNNOptions
     expands = {"k": "k"}
+    cross_dataset = True  # scored through the store's test split: test_on works (medprobe.experiment.cross)
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
@@ -185,6 +191,11 @@ Variant = Literal["cls", "cls+mean"]
 
 @dataclass
 class LinearOptions:
+    """The cached-feature SGD sweep (``solver: sweep``, DINOv2's protocol) or scikit-learn's L-BFGS logistic
+    regression over ``Cs`` (``solver: sklearn_lbfgs``); ``folds: K`` = K-fold cross-validation by patient
+    over every split pooled (mean ± sd over folds); ``train_subset: [N, ...]`` = stratified, seeded training
+    subsets of N samples (one unit each)."""
+
     inputs: list[Variant] = field(default_factory=lambda: ["cls", "cls+mean"])
     blocks: list[int] = field(default_factory=lambda: [1, 4])
     epochs: int = 10
@@ -194,12 +205,29 @@ class LinearOptions:
     class_weighting: bool = False
     select_metric: Literal["auroc", "auprc", "accuracy", "kappa"] = "auroc"
     pooling: Pooling = "mean"
+    solver: Literal["sweep", "sklearn_lbfgs"] = "sweep"
+    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))  # sklearn_lbfgs: inverse L2 strengths
+    max_iter: int = 1000  # sklearn_lbfgs
+    folds: int | None = None
+    train_subset: list[int] = field(default_factory=list)
+    # augmented: DINOv2's online features of random-resized-crop + flip training images from the frozen backbone,
+    # recomputed every epoch (medprobe.protocols.linear_augmented; the store is not read)
+    mode: Literal["cached", "augmented"] = "cached"
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
+        require(len(self.Cs) > 0 and all(c > 0 for c in self.Cs), f"Cs: every value must be > 0, got {self.Cs}")
+        require(self.max_iter >= 1, f"max_iter: must be >= 1, got {self.max_iter}")
+        require(self.folds is None or self.folds >= 3,
+                f"folds: K-fold cross-validation needs K >= 3 (a test, a validation and a training fold), "
+                f"got {self.folds}")
+        require(all(n >= 1 for n in self.train_subset), f"train_subset: sizes must be >= 1, got {self.train_subset}")
+        require(self.folds is None or not self.train_subset, "folds and train_subset: use one or the other")
         require(all(lr > 0 for lr in self.lrs), f"lrs: every learning rate must be > 0, got {self.lrs}")
         require(all(b >= 1 for b in self.blocks), f"blocks: numbers of last blocks must be >= 1, got {self.blocks}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        require(self.mode == "cached" or (self.solver == "sweep" and self.folds is None),
+                "mode: augmented trains the SGD sweep on online features (solver: sweep, no folds)")
 
 
 def _variant_inputs(ctx: UnitContext, store, split: str, options: LinearOptions, rows: np.ndarray | None
@@ -212,24 +240,40 @@ def _variant_inputs(ctx: UnitContext, store, split: str, options: LinearOptions,
     return out
 
 
+def _fit(options: LinearOptions, target: Target, seed: int, train: dict[str, torch.Tensor], y_train: np.ndarray,
+         val: dict[str, torch.Tensor] | None, y_val: np.ndarray | None, test: dict[str, torch.Tensor]):
+    """One selection over inputs x blocks x (learning rates | Cs) with the configured solver."""
+    common = dict(task=target.task, num_classes=len(target.class_names), class_weighting=options.class_weighting,
+                  seed=seed, select_metric=options.select_metric)
+    if options.solver == "sklearn_lbfgs":
+        return logreg_sweep(train, y_train, val, y_val, test, Cs=options.Cs, max_iter=options.max_iter, **common)
+    return linear_sweep(train, y_train, val, y_val, test, lrs=options.lrs, epochs=options.epochs,
+                        batch_size=options.batch_size, weight_decay=options.weight_decay, **common)
+
+
+def _fit_info(options: LinearOptions, result: Any, has_val: bool, n_train: int) -> dict[str, Any]:
+    info = {"solver": options.solver, "best_input": result.best_variant,
+            ("best_C" if options.solver == "sklearn_lbfgs" else "best_lr"): result.best_lr,
+            "best_val": result.best_val,
+            "selected_on": getattr(result, "selected_on", "val" if has_val else "train"),
+            "heads": len(result.val_table), "train_samples": int(n_train)}
+    if not getattr(result, "converged", True):
+        info["note"] = f"L-BFGS stopped at max_iter={options.max_iter} for the chosen model (not converged)"
+    return info
+
+
 def run_linear(ctx: UnitContext, options: LinearOptions, target: Target, seed: int,
                train_rows: np.ndarray | None = None) -> UnitResult:
-    """One linear sweep (all inputs × blocks × learning rates in one pass), scored on test."""
+    """One linear selection (all inputs × blocks × learning rates or Cs), scored on test."""
     store = ctx.features(FeatureNeeds(max(options.blocks)))
     tr, te = _split(store, "train"), _split(store, "test")
     keep_tr = np.flatnonzero(target.keep[tr]) if train_rows is None else train_rows
     has_val = "val" in store.splits and target.keep["val"].any()
     val = _variant_inputs(ctx, store, "val", options, np.flatnonzero(target.keep["val"])) if has_val else None
-    result = linear_sweep(
-        _variant_inputs(ctx, store, tr, options, keep_tr), target.y[tr][keep_tr],
-        val, target.y["val"][target.keep["val"]] if has_val else None,
-        _variant_inputs(ctx, store, te, options, np.flatnonzero(target.keep[te])),
-        task=target.task, num_classes=len(target.class_names), lrs=options.lrs, epochs=options.epochs,
-        batch_size=options.batch_size, weight_decay=options.weight_decay, class_weighting=options.class_weighting,
-        seed=seed, select_metric=options.select_metric)
-    info = {"best_input": result.best_variant, "best_lr": result.best_lr, "best_val": result.best_val,
-            "selected_on": getattr(result, "selected_on", "val" if has_val else "train"),
-            "heads": len(result.val_table), "train_samples": int(len(keep_tr))}
+    result = _fit(options, target, seed, _variant_inputs(ctx, store, tr, options, keep_tr), target.y[tr][keep_tr],
+                  val, target.y["val"][target.keep["val"]] if has_val else None,
+                  _variant_inputs(ctx, store, te, options, np.flatnonzero(target.keep[te])))
+    info = _fit_info(options, result, has_val, len(keep_tr))
     scores = {te: result.test_scores}
     if has_val:
         scores["val"] = result.val_scores
@@ -237,24 +281,159 @@ def run_linear(ctx: UnitContext, options: LinearOptions, target: Target, seed: i
                       predictions=_predictions(store, target, scores, ctx.dataset))
 
 
+def train_subset_rows(y: np.ndarray, rows: np.ndarray, n: int, seed: int, task: str) -> np.ndarray:
+    """``n`` of ``rows`` drawn with ``seed``, stratified by class (multi-label: by label combination when every
+    combination occurs at least twice and fits, else unstratified); sorted."""
+    from sklearn.model_selection import train_test_split
+    if n > len(rows):
+        raise ConfigError(f"train_subset: {n} samples asked, the training split has {len(rows)} with a label")
+    if n == len(rows):
+        return np.sort(rows)
+    labels = y[rows]
+    strata = np.array(["".join(map(str, r.astype(int))) for r in labels]) if task == "multilabel" else labels
+    counts = np.unique(strata, return_counts=True)[1]
+    ok = counts.min() >= 2 and len(counts) <= n <= len(rows) - len(counts)
+    chosen, _ = train_test_split(rows, train_size=n, random_state=seed, stratify=strata if ok else None)
+    return np.sort(chosen)
+
+
+def run_linear_folds(ctx: UnitContext, options: LinearOptions, target: Target, seed: int) -> UnitResult:
+    """K-fold cross-validation by patient over every split pooled: fold k is test, fold k+1 selects, the rest
+    train. Metrics are the mean over folds (sd in ``<metric>_fold_sd`` and in the note); predictions are the
+    out-of-fold scores of every sample."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+    k = int(options.folds)
+    store = ctx.features(FeatureNeeds(max(options.blocks)))
+    parts = [(s, np.flatnonzero(target.keep[s])) for s in store.splits]
+    by_split = [_variant_inputs(ctx, store, s, options, r) for s, r in parts]
+    feats = {name: torch.cat([x[name] for x in by_split]) for name in by_split[0]}
+    y = np.concatenate([target.y[s][r] for s, r in parts])
+    keys = [store.keys(s)[i] for s, r in parts for i in r]
+    pids = [store.patient_ids(s)[i] for s, r in parts for i in r]
+    groups = np.unique(pids, return_inverse=True)[1]
+    if len(np.unique(groups)) < k:
+        raise ConfigError(f"folds: {k} folds asked, the dataset has {len(np.unique(groups))} patients with a label")
+    splitter = (GroupKFold(n_splits=k, shuffle=True, random_state=seed) if target.task == "multilabel"
+                else StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed))
+    fold_of = np.empty(len(y), dtype=np.int64)
+    for i, (_, test_idx) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+        fold_of[test_idx] = i
+
+    def pick(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return {name: x[torch.from_numpy(idx)] for name, x in feats.items()}
+
+    scores: np.ndarray | None = None
+    per_fold, chosen = [], []
+    for i in range(k):
+        te, va = np.flatnonzero(fold_of == i), np.flatnonzero(fold_of == (i + 1) % k)
+        tr = np.flatnonzero((fold_of != i) & (fold_of != (i + 1) % k))
+        result = _fit(options, target, seed, pick(tr), y[tr], pick(va), y[va], pick(te))
+        test_scores = result.test_scores
+        if target.task == "binary" and test_scores.ndim == 2:
+            test_scores = test_scores[:, 1]
+        if scores is None:
+            scores = np.zeros((len(y),) + test_scores.shape[1:])
+        scores[te] = test_scores
+        per_fold.append(classification_metrics(y[te], test_scores, target.task, target.class_names, bootstrap=0,
+                                               seed=seed))
+        chosen.append({"best_input": result.best_variant, "best": result.best_lr, "best_val": result.best_val,
+                       "train": int(len(tr)), "val": int(len(va)), "test": int(len(te))})
+    metrics = []
+    for row in per_fold[0]:
+        vals = np.array([next((m.value for m in fold if m.metric == row.metric and m.cls == row.cls), np.nan)
+                         for fold in per_fold], dtype=np.float64)
+        mean, sd = float(np.nanmean(vals)), float(np.nanstd(vals, ddof=1))
+        metrics.append(MetricValue(row.metric, mean, row.cls, note=f"mean over {k} patient folds, sd {sd:.4g}"))
+        if row.cls is None:
+            metrics.append(MetricValue(f"{row.metric}_fold_sd", sd, note=f"sd over {k} patient folds"))
+    by_key = {r.key: r for r in ctx.dataset.records} if ctx.dataset is not None else {}
+    meta = {"test": record_metadata([by_key[x] for x in keys])} if by_key and all(x in by_key for x in keys) else {}
+    predictions = classification_predictions(target.task, target.class_names, {"test": (keys, pids, y, scores)},
+                                             metadata=meta)
+    predictions.splits["test"].columns["fold"] = fold_of
+    info = {"solver": options.solver, "folds": k, "per_fold": chosen, "samples": int(len(y)),
+            "patients": int(len(np.unique(groups))), "scores": "out-of-fold scores of every sample"}
+    return UnitResult(metrics, info, predictions=predictions)
+
+
+def run_linear_augmented(ctx: UnitContext, options: LinearOptions, seed: int, train_subset: int | None) -> UnitResult:
+    """The linear sweep on online features of augmented training images (the backbone runs; no store)."""
+    from medprobe.features.extract import preprocessor_for
+    from medprobe.protocols.linear_augmented import DatasetRows, augmented_sweep
+    ds = ctx.dataset
+    rows = DatasetRows(ds)
+    splits = {s: np.asarray(ds.indices(s)) for s in rows.splits}
+    target = Target(ds.task.kind, tuple(ds.task.class_names), {s: ds.labels(i) for s, i in splits.items()},
+                    {s: np.ones(len(i), dtype=bool) for s, i in splits.items()})
+    train = np.arange(len(splits.get("train", [])))
+    if train_subset is not None:
+        train = train_subset_rows(target.y["train"], train, int(train_subset), seed, target.task)
+    if "backbone:linear_augmented" not in ctx.memo:
+        with torch.random.fork_rng():  # a random-weight backbone is the same whatever unit builds it
+            torch.manual_seed(0)
+            backbone = ctx.backbone()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        ctx.memo["backbone:linear_augmented"] = backbone
+    backbone = ctx.memo["backbone:linear_augmented"]
+    chosen = dict(splits, train=splits["train"][train]) if "train" in splits else splits
+    result = augmented_sweep(backbone, ds, preprocessor_for(backbone, ds, ctx.image_size), chosen,
+                             {s: target.y[s] if s != "train" else target.y[s][train] for s in chosen},
+                             variants=[f"{v}@{n}" for v in options.inputs for n in options.blocks],
+                             task=target.task, num_classes=len(target.class_names), lrs=options.lrs,
+                             epochs=options.epochs, batch_size=options.batch_size,
+                             weight_decay=options.weight_decay, class_weighting=options.class_weighting, seed=seed,
+                             select_metric=options.select_metric, device=ctx.device, precision=ctx.precision,
+                             feature_batch=ctx.batch_size)
+    has_val = "val" in splits
+    info = _fit_info(options, result, has_val, len(train))
+    info.update(mode="augmented", epochs=result.epochs, steps=result.steps,
+                input="online features of augmented images (random resized crop, hflip)")
+    if train_subset is not None:
+        info["train_subset"] = int(train_subset)
+    scores = {"test": result.test_scores}
+    if has_val:
+        scores["val"] = result.val_scores
+    return UnitResult(_score(target, "test", result.test_scores, ctx, seed), info,
+                      predictions=_predictions(rows, target, scores, ds))
+
+
 @register_protocol
 class Linear(Protocol):
     name = "linear"
-    summary = "linear-probe sweep: CLS or CLS+mean-patch from the last 1/4 blocks x 13 learning rates in one pass"
+    summary = ("linear probe on cached features: CLS or CLS+mean-patch from the last 1/4 blocks; SGD sweep over 13 "
+               "learning rates in one pass, or scikit-learn L-BFGS over C; optional patient k-fold CV and "
+               "training-subset sizes")
     Options = LinearOptions
+    expands = {"train_subset": "train_subset"}
+    cross_dataset = True  # scored through the store's test split: test_on works (medprobe.experiment.cross)
 
     def feature_needs(self, options: LinearOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
-        return FeatureNeeds(max(options.blocks))
+        return FeatureNeeds(1 if options.mode == "augmented" else max(options.blocks))
 
     def supports(self, dataset: ImageDataset) -> str | None:
         return _classification_only(dataset)
 
     def units(self, options: LinearOptions, seeds: list[int], dataset: ImageDataset) -> list[Unit]:
+        if options.train_subset:
+            return [Unit(self.name, {"train_subset": n}, s) for n in dict.fromkeys(options.train_subset) for s in seeds]
         return [Unit(self.name, {}, s) for s in seeds]
 
     def run(self, unit: Unit, options: LinearOptions, ctx: UnitContext) -> UnitResult:
-        target = ctx.memo.setdefault("target:dataset", dataset_target(ctx.features(self.feature_needs(options))))
-        return run_linear(ctx, options, target, unit.seed)
+        if options.mode == "augmented":
+            return run_linear_augmented(ctx, options, unit.seed, unit.params.get("train_subset"))
+        store = ctx.features(self.feature_needs(options))
+        target = ctx.memo.setdefault("target:dataset", dataset_target(store))
+        if options.folds:
+            return run_linear_folds(ctx, options, target, unit.seed)
+        n = unit.params.get("train_subset")
+        if n is None:
+            return run_linear(ctx, options, target, unit.seed)
+        tr = _split(store, "train")
+        rows = train_subset_rows(target.y[tr], np.flatnonzero(target.keep[tr]), int(n), unit.seed, target.task)
+        result = run_linear(ctx, options, target, unit.seed, train_rows=rows)
+        result.info["train_subset"] = int(n)
+        return result
 
 
 # --------------------------------------------------------------------------- few-shot
@@ -272,6 +451,8 @@ class FewShotOptions:
         require(self.repeats >= 1, f"repeats: must be >= 1, got {self.repeats}")
         require(self.k >= 1, f"k: must be >= 1, got {self.k}")
         require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        require(self.linear.folds is None and not self.linear.train_subset,
+                "linear.folds / linear.train_subset: few-shot draws its own training sets (shots)")
 
     @property
     def linear_options(self) -> LinearOptions:
@@ -284,6 +465,7 @@ class FewShot(Protocol):
     summary = "n patients per class from train (R draws), linear probe and kNN on each draw"
     Options = FewShotOptions
     expands = {"shots": "shots", "probes": "probe"}
+    cross_dataset = True  # scored through the store's test split: test_on works (medprobe.experiment.cross)
 
     def feature_needs(self, options: FewShotOptions, arch: ArchInfo | None = None) -> FeatureNeeds:
         return FeatureNeeds(max(options.linear_options.blocks))
@@ -337,6 +519,7 @@ class MetadataOptions:
         require(len(self.columns) > 0, "columns: name at least one metadata column (e.g. sex, age_bin, view)")
         require(self.k >= 1, f"k: must be >= 1, got {self.k}")
         require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        require(not self.linear.train_subset, "linear.train_subset: applies to the linear protocol, not metadata probes")
 
     @property
     def linear_options(self) -> LinearOptions:
@@ -365,6 +548,8 @@ class MetadataProbe(Protocol):
         column = unit.params["column"]
         target = ctx.memo.setdefault(f"target:{column}", metadata_target(store, column))
         if unit.params["probe"] == "linear":
+            if options.linear_options.folds:
+                return run_linear_folds(ctx, options.linear_options, target, unit.seed)
             return run_linear(ctx, options.linear_options, target, unit.seed)
         knn_opts = KNNOptions(k=[options.k], temperature=options.temperature)
         by_split = _knn_scores(ctx, knn_opts, target, multilabel=False)

@@ -242,16 +242,35 @@ def linear_sweep(train: dict[str, torch.Tensor], y_train: np.ndarray, val: dict[
             idx_dev = idx.to(dev)
             scale = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             for v in names:
-                w, b = params[v]
                 x = xdev[v]
                 xb = x[idx_dev] if x.device == dev else x[idx].to(dev, non_blocking=True)
-                logits = torch.baddbmm(b.unsqueeze(1), xb.expand(heads, *xb.shape), w)  # (H, B, C_out)
-                grads = torch.autograd.grad(_loss(logits, ydev[idx_dev], task, weight).sum(), (w, b))
-                with torch.no_grad():
-                    for p, g, buf in zip((w, b), grads, buffers[v]):
-                        buf.mul_(MOMENTUM).add_(g + weight_decay * p if weight_decay else g)
-                        p.sub_(scale.view(heads, *[1] * (p.ndim - 1)) * buf)
+                sgd_step(params[v], buffers[v], xb, ydev[idx_dev], task, weight, scale, weight_decay)
             step += 1
+    return select_head(params, lrs, xtr, ytr, xva, yva, xte, task, num_classes, select_metric, epochs, step, stats)
+
+
+def sgd_step(params: list[torch.Tensor], buffers: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, task: str,
+             weight: torch.Tensor | None, scale: torch.Tensor, weight_decay: float) -> None:
+    """One momentum-SGD step of every head of one variant on the mini-batch ``xb`` (B, D); ``scale`` (H, 1, 1)
+    is each head's learning rate times the schedule."""
+    w, b = params
+    heads = w.shape[0]
+    logits = torch.baddbmm(b.unsqueeze(1), xb.expand(heads, *xb.shape), w)  # (H, B, C_out)
+    grads = torch.autograd.grad(_loss(logits, yb, task, weight).sum(), (w, b))
+    with torch.no_grad():
+        for p, g, buf in zip((w, b), grads, buffers):
+            buf.mul_(MOMENTUM).add_(g + weight_decay * p if weight_decay else g)
+            p.sub_(scale.view(heads, *[1] * (p.ndim - 1)) * buf)
+
+
+def select_head(params: dict[str, list[torch.Tensor]], lrs: list[float], xtr: dict[str, torch.Tensor],
+                ytr: torch.Tensor, xva: dict[str, torch.Tensor], yva: torch.Tensor | None,
+                xte: dict[str, torch.Tensor], task: str, num_classes: int, select_metric: str, epochs: int,
+                step: int, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SweepResult:
+    """Pick the best head on val (on train when val is missing or undefined) and score it on test;
+    features are standardised."""
+    names, heads = list(params), len(lrs)
+    has_val = bool(xva) and yva is not None
 
     def table_on(xs: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[list, dict[str, torch.Tensor]]:
         scores = {v: _predict(xs[v], *params[v], task) for v in names}

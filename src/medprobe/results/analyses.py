@@ -172,9 +172,16 @@ def _compare_pair(config_key: str, a: dict[int, _Loaded], b: dict[int, _Loaded],
             rows.append(_paired_row(dict(base, seeds=[s]), y, [sa[i]], [sb[i]], task, metric, rs, alpha, "seed", []))
     if per_class and task != "binary" and metric == "auroc":
         for c, name in enumerate(names):
-            yc = (y == c) if task == "multiclass" else y[:, c]
-            rows.append(_paired_row(dict(base, **{"class": name}), yc.astype(np.int64), [s[:, c] for s in sa],
-                                    [s[:, c] for s in sb], "binary", metric, rs, alpha, "class", []))
+            if task == "multiclass" or (y[:, c] >= 0).all():
+                yc = (y == c) if task == "multiclass" else y[:, c]
+                rows.append(_paired_row(dict(base, **{"class": name}), yc.astype(np.int64), [s[:, c] for s in sa],
+                                        [s[:, c] for s in sb], "binary", metric, rs, alpha, "class", []))
+            else:  # a multi-label column with missing targets (-1): scored as one masked column, bootstrap only
+                rows.append(_paired_row(dict(base, **{"class": name}), y[:, c:c + 1].astype(np.int64),
+                                        [s[:, c:c + 1] for s in sa], [s[:, c:c + 1] for s in sb], "multilabel",
+                                        metric, rs, alpha, "class",
+                                        [f"{int((y[:, c] < 0).sum())} samples without a target for this class "
+                                         "left out (missing labels)"]))
     return rows
 
 
@@ -276,7 +283,8 @@ def subgroup_table(output_dir: str | Path, column: str, metric: str = "auroc", *
 
 
 def _positives(y: np.ndarray, task: str) -> int:
-    return int((y == 1).sum()) if task == "binary" else int(len(y)) if task == "multiclass" else int(y.any(1).sum())
+    return int((y == 1).sum()) if task == "binary" else int(len(y)) if task == "multiclass" else \
+        int((y == 1).any(1).sum())
 
 
 # --------------------------------------------------------------------------- calibration
@@ -321,8 +329,9 @@ def _binary_views(y: np.ndarray, s: np.ndarray, task: str, names: tuple[str, ...
     elif task == "multiclass":
         yield "top-label", (s.argmax(1) == y).astype(np.int64), s.max(1)
     else:
-        for c, name in enumerate(names):
-            yield name, y[:, c], s[:, c]
+        for c, name in enumerate(names):  # on the samples labelled for the class (-1 = missing)
+            known = y[:, c] >= 0
+            yield name, y[known, c], s[known, c]
 
 
 def _calibration_rows(it: _Loaded, bins: int, method: str, target: float | None, alpha: float):
@@ -341,9 +350,11 @@ def _calibration_rows(it: _Loaded, bins: int, method: str, target: float | None,
     elif pred.task == "binary":
         views = [("", y, s, stats.brier(y, s), (val.columns["target"], val.columns["score"]) if val else None)]
     else:
-        views = [(name, y[:, c], s[:, c], stats.brier(y[:, c], s[:, c]),
-                  (val.columns["target"][:, c], val.columns["score"][:, c]) if val else None)
-                 for c, name in enumerate(pred.class_names)]
+        vy = np.asarray(val.columns["target"]) if val else None
+        vs = np.asarray(val.columns["score"]) if val else None
+        views = [(name, yc, pc, stats.brier(yc, pc),
+                  (vy[vy[:, c] >= 0, c], vs[vy[:, c] >= 0, c]) if val else None)  # labelled samples only
+                 for c, (name, yc, pc) in enumerate(_binary_views(y, s, pred.task, pred.class_names))]
     for name, yc, pc, brier, val_view in views:
         row = dict(base, **{"class": name or None}, ece=stats.ece(yc, pc, bins), brier=brier, bins=bins,
                    threshold_method=None, threshold=None, sensitivity=None, sensitivity_ci=None, specificity=None,

@@ -474,6 +474,39 @@ def _comparison(out: Path) -> Section | None:
     return section
 
 
+def _text_examples(out: Path) -> Section | None:
+    """A few generated reports beside their references, per report-generation unit (first seed)."""
+    from medprobe.errors import MedprobeError
+    from medprobe.results.runs import load_predictions, load_runs
+    from medprobe.results.text_examples import text_examples
+    runs = [r for r in load_runs(out) if r.protocol == "report_generation" and r.predictions]
+    if not runs:
+        return None
+    section = Section("reports", "Generated reports", nav="Reports")
+    section.intro.append("A few test images' generated findings beside the reference report (evenly spread over "
+                         "the test split), per dataset, backbone and configuration.")
+    seen = set()
+    for run in runs:
+        if (run.dataset, run.backbone_key, run.config_key) in seen:
+            continue
+        seen.add((run.dataset, run.backbone_key, run.config_key))
+        try:
+            rows = text_examples(load_predictions(out, run), n=3)
+        except MedprobeError as e:
+            section.notes.append(f"{run.dataset} / {run.backbone} / {run.label}: {e}")
+            continue
+        if not rows:
+            continue
+        extra = [c for c in rows[0] if c not in ("key", "patient_id", "reference", "generated")]
+        columns = ["sample", "reference", "generated", *extra]
+        body = [[r["key"], r.get("reference", ""), r.get("generated", ""), *[r.get(c, "") for c in extra]]
+                for r in rows]
+        t = table([c.replace("_", " ") for c in columns], body)
+        t.caption = f"{run.dataset} / {run.backbone} ({run.weights}) / {run.label}, seed {run.seed}"
+        section.tables.append(t)
+    return section
+
+
 def _failed(report: Report) -> Section:
     section = Section("failed", "Failed units", nav="Failed")
     if not report.failed:
@@ -539,7 +572,8 @@ def build_sections(out: Path, report: Report, tmp: Path) -> list[Section]:
     experiments = _experiments(out)
     ranking, ranked = _ranking(report, tmp / "ranking")
     sections = [_overview(report, experiments, counts), _headline(report), _fewshot(report, tmp / "fewshot"),
-                _segmentation(report, tmp / "decoders"), _comparison(out), ranking, _analysis(out, ranked),
+                _segmentation(report, tmp / "decoders"), _comparison(out), _text_examples(out), ranking,
+                _analysis(out, ranked),
                 _notes(report),
                 _failed(report), _environment(report, unrecorded), _all_metrics(report.summary)]
     return [s for s in sections if s is not None]

@@ -1,12 +1,11 @@
 """A few generated reports beside their references, for the HTML report (self-contained).
 
 ``text_examples(predictions, n)`` picks ``n`` test samples spread evenly over the split
-(deterministic: the same file always shows the same samples) and returns plain rows;
-``text_examples_html`` renders them as an escaped HTML table fragment.
+(deterministic: the same file always shows the same samples) and returns plain rows, which the
+HTML report renders through its templates (escaped there).
 """
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
@@ -29,16 +28,3 @@ def text_examples(predictions: Predictions, n: int = 3, split: str = "test") -> 
             row[name] = str(col[i])
         out.append(row)
     return out
-
-
-def text_examples_html(predictions: Predictions, n: int = 3, split: str = "test") -> str:
-    """An HTML ``<table>`` of :func:`text_examples` (empty string when there is nothing to show)."""
-    rows = text_examples(predictions, n, split)
-    if not rows:
-        return ""
-    columns = ["reference", "generated"] + [c for c in rows[0] if c not in ("key", "patient_id", "reference",
-                                                                            "generated")]
-    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in ["sample"] + columns)
-    body = "".join("<tr>" + f"<td>{html.escape(r['key'])}</td>" +
-                   "".join(f"<td>{html.escape(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f'<table class="text-examples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'

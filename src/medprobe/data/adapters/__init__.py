@@ -108,6 +108,10 @@ ADAPTER_MODULES: tuple[str, ...] = (
     "isic2019",
     "padchest",
     "mimic_cxr",
+    "mimic_cxr_jpg",
+    "siim_acr",
+    "vindr_ribcxr",
+    "btcv",
     "iu_xray",
 )
 

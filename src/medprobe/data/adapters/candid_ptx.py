@@ -4,7 +4,11 @@ chest tubes and acute rib fractures.
 
 Task: target = pneumothorax (default) | chest_tube | rib_fracture; task=segmentation
 (default): background, <target> (all of an image's masks are merged); task=
-classification: binary, positive when the image has a mask for the target.
+classification: binary, positive when the image has a mask for the target. labels=harmonised
+(with task=classification; target is then not used): the 18 torchxrayvision findings with
+Pneumothorax from the pneumothorax masks; the 17 others are missing -- the acute rib
+fracture masks are not mapped to Fracture, since an image without one may show an old
+fracture (see medprobe.data.harmonise).
 Modality: chest X-ray (DICOM as distributed; PNG/JPEG copies are also read;
 value_range None: scaled by percentiles).
 Official split: none.
@@ -48,9 +52,10 @@ import numpy as np
 from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
                                             assign_splits, details, finish, folder_root, read_table, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.readers import read_dicom, read_image
-from medprobe.errors import DataError
+from medprobe.errors import ConfigError, DataError
 from medprobe.options import option
 
 NAME = "candid_ptx"
@@ -143,15 +148,25 @@ def _find(index: FileIndex, uid: str) -> Path | None:
     return None
 
 
+#: labels=harmonised: the pneumothorax masks give Pneumothorax
+HARMONISED: dict[str, tuple[str, ...]] = {"Pneumothorax": ("pneumothorax",)}
+
+
 @register_adapter(NAME, "CANDID-PTX: chest X-rays, RLE masks of pneumothorax, chest tubes, rib fractures",
                   details(__doc__, official=False))
 def build_candid_ptx(root: Path | None, target: str = "pneumothorax", task: str = "segmentation",
                      rle: str = "relative", split: str = "systematic", split_seed: int = 0,
-                     split_fractions: Any = DEFAULT_FRACTIONS, missing: str = "error") -> ImageDataset:
+                     split_fractions: Any = DEFAULT_FRACTIONS, missing: str = "error",
+                     labels: str = "native") -> ImageDataset:
     """Build CANDID-PTX from the folder ``root`` holding Pneumothorax_reports.csv."""
     folder = folder_root(NAME, root, f"the CANDID-PTX folder holding {REPORTS}")
     target = option("target", target, str, choices=TARGETS)
     task = option("task", task, str, choices=("segmentation", "classification"))
+    labels = harmonise.labels_option(labels, NAME)
+    if labels == "harmonised":
+        if task != "classification":
+            raise ConfigError("option labels=harmonised gives image-level findings; use it with task=classification")
+        target = "pneumothorax"
     rle = option("rle", rle, str, choices=("relative", "absolute"))
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
@@ -206,7 +221,10 @@ def build_candid_ptx(root: Path | None, target: str = "pneumothorax", task: str 
     records = assign_splits(drafts, policy)
     spec = TaskSpec("segmentation", ("background", target)) if task == "segmentation" else \
         TaskSpec("binary", (f"no {target}", target))
+    if labels == "harmonised":
+        records, spec = harmonise.harmonise_records(records, ("pneumothorax",), HARMONISED), harmonise.harmonised_task()
     ds = CandidDataset(NAME, folder, records, spec, where=where, policy=policy, annotation_files=files,
-                       notes=[f"target={target}", f"task={task}", f"rle={rle}", presence.note()],
+                       notes=[f"target={target}", f"task={task}", f"rle={rle}", presence.note(),
+                              harmonise.note(HARMONISED) if labels == "harmonised" else ""],
                        runs=kept_runs, rle=rle)
     return finish(ds, problems)

@@ -82,8 +82,10 @@ def _resolve(root: Path, rel: str) -> Path:
 def _labels_option(labels: Any) -> tuple[str, ...]:
     if labels in ("competition", None):
         return COMPETITION
-    if labels in ("all", "harmonised"):
+    if labels == "all":
         return ALL_LABELS
+    if labels == "harmonised":  # the observations the 18 findings are mapped from
+        return tuple(c for c in ALL_LABELS if any(c in names for names in HARMONISED.values()))
     names = option("labels", labels, list[str] | None) or []
     bad = [n for n in names if n not in ALL_LABELS]
     if bad:
@@ -161,7 +163,8 @@ def build_chexpert(root: Path | None, labels: Any = "competition", uncertain: st
     task = TaskSpec("multilabel", classes)
     if labels == "harmonised":
         records, task = harmonise.harmonise_records(records, classes, HARMONISED), harmonise.harmonised_task()
-    notes = [harmonise.note(HARMONISED) if labels == "harmonised" else f"labels={','.join(classes)}", f"uncertain={uncertain}", f"views={views}",
+    notes = [harmonise.note(HARMONISED) if labels == "harmonised" else f"labels={','.join(classes)}",
+             f"uncertain={uncertain}", f"views={views}",
              f"dropped_uncertain={dropped}" if uncertain == "ignore" else "", presence.note()]
     ds = PublicDataset(NAME, folder, records, task, where=where, policy=policy,
                        annotation_files=files, value_range=(0.0, 255.0), notes=notes)

@@ -28,7 +28,9 @@ volume. Columns:
   label       the class: integers 0..C-1 (0/1 = binary) or names (mapped to the
               sorted names, kept as class_names; two names = binary, the second
               one positive). Several 0/1 columns named with labels=[a, b, ...]
-              make a multi-label task.
+              make a multi-label task; -1 there marks a missing target (the
+              finding is not labelled for that image: masked out of losses and
+              metrics, never a negative).
   mask        optional label map (PNG/TIFF/NIfTI/.npy, values 0..C-1); a mask
               column makes the task segmentation unless task=classification
   patient_id  optional; defaults to the image path. Keep each patient's images
@@ -343,7 +345,7 @@ def _class_labels(path: Path, column: str, cells: list[tuple[int, str]], class_n
 
 def _multilabel(columns: list[str], cols: dict[str, list[tuple[int, str]]], problems: _RowProblems
                 ) -> dict[int, tuple[int, ...]]:
-    """{row: multi-hot tuple} from several 0/1 columns; bad rows go to ``problems``."""
+    """{row: multi-hot tuple} from several 0/1 columns (-1 = missing); bad rows go to ``problems``."""
     out: dict[int, list[int]] = {row: [] for row, _ in cols[columns[0]]}
     for c in columns:
         for row, v in cols[c]:
@@ -351,8 +353,9 @@ def _multilabel(columns: list[str], cols: dict[str, list[tuple[int, str]]], prob
                 problems.add(row, f"empty value in label column {c!r}")
                 continue
             x = _number(v.strip())
-            if x not in (0, 1):
-                problems.add(row, f"value {v.strip()!r} in label column {c!r}; multi-label columns must hold 0 or 1")
+            if x not in (0, 1, -1):
+                problems.add(row, f"value {v.strip()!r} in label column {c!r}; multi-label columns must hold 0 or 1 "
+                                  f"(or -1 = missing)")
                 continue
             out[row].append(int(x))  # type: ignore[arg-type]
     return {row: tuple(v) for row, v in out.items() if len(v) == len(columns)}

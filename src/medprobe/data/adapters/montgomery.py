@@ -22,6 +22,8 @@ Layout (root = the MontgomerySet folder):
 Records: one per image; key = the file stem; patient = MCUCXR_<number> (one image per
 patient in this set).
 Metadata: sex, age, age_bin, view ("PA"), site ("Montgomery County, MD").
+labels = native (only); labels=harmonised is refused: tuberculosis is not one of the 18
+harmonised chest findings (see medprobe.data.harmonise).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import numpy as np
 from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, natural_key, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics, parse_age
 from medprobe.data.readers import read_mask
@@ -108,8 +111,9 @@ class MontgomeryDataset(PublicDataset):
                   details(__doc__, official=False))
 def build_montgomery(root: Path | None, task: str = "segmentation", masks: str = "lungs", split: str = "systematic",
                      split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS,
-                     missing: str = "error") -> ImageDataset:
+                     missing: str = "error", labels: str = "native") -> ImageDataset:
     """Build the Montgomery County set from the MontgomerySet folder ``root``."""
+    harmonise.refuse_tuberculosis(labels, NAME)
     folder = folder_root(NAME, root, "the MontgomerySet folder holding CXR_png/ and ManualMask/")
     task = option("task", task, str, choices=("segmentation", "classification"))
     masks = option("masks", masks, str, choices=("lungs", "left_right"))

@@ -7,7 +7,13 @@ Task: multilabel over the report labels. labels= a list of label names (as writt
 the Labels column, e.g. [cardiomegaly, pleural effusion, pneumonia]); default: every
 label (except "normal") with at least min_count positive images (default 100) among
 the kept views, sorted by name. The chosen labels are kept in class_names and
-dataset.source.
+dataset.source. labels=harmonised: the 18 torchxrayvision findings by torchxrayvision's
+PadChest rule -- a finding is positive when one of the image's labels contains its name in
+lower case or one of its synonyms (Infiltration: infiltrates, interstitial / ground glass /
+reticular interstitial / reticulonodular interstitial / alveolar pattern, consolidation, air
+bronchogram; Consolidation: air bronchogram; Pleural_Thickening: pleural thickening), else
+negative; the 15 findings PadChest reports are labelled, Lung Lesion, Lung Opacity and Enlarged
+Cardiomediastinum are missing (see medprobe.data.harmonise).
 Modality: chest X-ray, 16-bit grayscale PNG (value_range None: scaled by percentiles).
 Official split: none.
 Licence: PadChest Dataset Research Use Agreement (BIMCV; the data are released under
@@ -43,6 +49,7 @@ from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, PublicDataset,
                                             assign_splits, details, find_first, finish, folder_root, parse_float,
                                             read_table, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError, DataError
@@ -53,6 +60,17 @@ CSV_NAMES = ("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
              "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
 COLUMNS = ("ImageID", "ImageDir", "PatientID", "Projection", "Labels")
 OPTIONAL = ("StudyDate_DICOM", "StudyID", "PatientBirth", "PatientSex_DICOM", "MethodProjection")
+#: labels=harmonised: substrings of a PadChest label that make each finding positive (torchxrayvision's rule)
+HARMONISED: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("atelectasis",), "Consolidation": ("consolidation", "air bronchogram"),
+    "Infiltration": ("infiltration", "infiltrates", "interstitial pattern", "ground glass pattern",
+                     "reticular interstitial pattern", "reticulonodular interstitial pattern", "alveolar pattern",
+                     "consolidation", "air bronchogram"),
+    "Pneumothorax": ("pneumothorax",), "Edema": ("edema",), "Emphysema": ("emphysema",), "Fibrosis": ("fibrosis",),
+    "Effusion": ("effusion",), "Pneumonia": ("pneumonia",), "Pleural_Thickening": ("pleural_thickening",
+                                                                                   "pleural thickening"),
+    "Cardiomegaly": ("cardiomegaly",), "Nodule": ("nodule",), "Mass": ("mass",), "Hernia": ("hernia",),
+    "Fracture": ("fracture",)}
 VIEWS = {"frontal": {"PA", "AP", "AP_horizontal"}, "lateral": {"L"}}
 
 
@@ -82,7 +100,8 @@ def build_padchest(root: Path | None, labels: Any = None, min_count: int = 100, 
                    missing: str = "error") -> ImageDataset:
     """Build PadChest from the folder ``root`` holding its CSV and image folders."""
     folder = folder_root(NAME, root, "the PadChest folder holding the labels CSV and the image folders")
-    wanted = option("labels", labels, list[str] | None)
+    harmonised = labels == "harmonised"
+    wanted = None if harmonised else option("labels", labels, list[str] | None)
     min_count = option("min_count", min_count, int, minimum=1)
     views = option("views", views, str, choices=("frontal", "lateral", "all"))
     keep = VIEWS["frontal"] | VIEWS["lateral"] if views == "all" else VIEWS[views]
@@ -124,7 +143,9 @@ def build_padchest(root: Path | None, labels: Any = None, min_count: int = 100, 
         rows.append((row, at, found, path))
     problems.check()
     counts = Counter(label for _, _, found, _ in rows for label in found)
-    if wanted is not None:
+    if harmonised:
+        classes = harmonise.CHEST_FINDINGS
+    elif wanted is not None:
         classes = tuple(wanted)
     else:
         classes = tuple(sorted(c for c, n in counts.items() if n >= min_count and c != "normal"))
@@ -137,14 +158,19 @@ def build_padchest(root: Path | None, labels: Any = None, min_count: int = 100, 
                             age=_age(row["StudyDate_DICOM"], row["PatientBirth"]), view=row["Projection"])
         meta["method_projection"] = row["MethodProjection"] or None
         meta["study"] = row["StudyID"] or None
-        drafts.append(Record(row["ImageID"], "", row["PatientID"], tuple(int(c in found) for c in classes), meta,
-                             str(path)))
+        if harmonised:
+            label = harmonise.harmonise({f: int(any(s in term for term in found for s in subs))
+                                         for f, subs in HARMONISED.items()}, {f: (f,) for f in HARMONISED})
+        else:
+            label = tuple(int(c in found) for c in classes)
+        drafts.append(Record(row["ImageID"], "", row["PatientID"], label, meta, str(path)))
         where.append(at)
     if not drafts:
         raise DataError(f"{csv_path}: no usable rows with views={views} (Projection in {sorted(keep)})")
     records = assign_splits(drafts, policy)
     ds = PublicDataset(NAME, folder, records, TaskSpec("multilabel", classes), where=where, policy=policy,
                        annotation_files=[csv_path],
-                       notes=[f"views={views}", f"labels={','.join(classes)}", f"no_labels={no_labels}",
+                       notes=[f"views={views}", harmonise.note(HARMONISED) if harmonised
+                              else f"labels={','.join(classes)}", f"no_labels={no_labels}",
                               presence.note()])
     return finish(ds, problems)

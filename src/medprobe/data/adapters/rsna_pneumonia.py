@@ -4,7 +4,10 @@ pneumonia, with boxes.
 
 Task: task=binary (default): Target 0 / 1 (no opacity / lung opacity); task=multiclass:
 the 3 classes of stage_2_detailed_class_info.csv: Normal, No Lung Opacity / Not
-Normal, Lung Opacity (needs that file; it must agree with Target).
+Normal, Lung Opacity (needs that file; it must agree with Target). labels=harmonised (with
+task=binary): the 18 torchxrayvision findings, Target giving both Pneumonia and Lung Opacity
+(as torchxrayvision's RSNA dataset does); the 16 others are missing (see
+medprobe.data.harmonise).
 Modality: chest X-ray, DICOM 1024 x 1024 (value_range None: scaled by percentiles).
 Official split: none with labels (the stage 2 test images have no public labels and are
 not used).
@@ -35,13 +38,16 @@ from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, FileIndex, Presence, Problems, Row,
                                             assign_splits, details, dicom_header, finish, folder_root, parse_float,
                                             read_table, split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
-from medprobe.errors import DataError
+from medprobe.errors import ConfigError, DataError
 from medprobe.options import option
 
 NAME = "rsna_pneumonia"
 LABELS_CSV = "stage_2_train_labels.csv"
+#: labels=harmonised: Target (lung opacity suggestive of pneumonia) gives both findings
+HARMONISED: dict[str, tuple[str, ...]] = {"Pneumonia": ("Target",), "Lung Opacity": ("Target",)}
 CLASS_CSV = "stage_2_detailed_class_info.csv"
 DETAILED = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 BOX = ("x", "y", "width", "height")
@@ -66,10 +72,13 @@ def _target(row: Row, at: str, problems: Problems) -> int | None:
                   details(__doc__, official=False))
 def build_rsna_pneumonia(root: Path | None, task: str = "binary", read_dicom_tags: bool = False,
                          split: str = "systematic", split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS,
-                         missing: str = "error") -> ImageDataset:
+                         missing: str = "error", labels: str = "native") -> ImageDataset:
     """Build the RSNA pneumonia set from the folder ``root`` holding stage_2_train_labels.csv."""
     folder = folder_root(NAME, root, f"the folder holding {LABELS_CSV} and stage_2_train_images/")
     task = option("task", task, str, choices=("binary", "multiclass"))
+    labels = harmonise.labels_option(labels, NAME)
+    if labels == "harmonised" and task != "binary":
+        raise ConfigError("option labels=harmonised maps the binary Target; use it with task=binary")
     tags = option("read_dicom_tags", read_dicom_tags, bool)
     policy = split_policy(split, split_seed, split_fractions)
     problems = Problems(NAME)
@@ -143,6 +152,9 @@ def build_rsna_pneumonia(root: Path | None, task: str = "binary", read_dicom_tag
     problems.check()
     records = assign_splits(drafts, policy)
     spec = TaskSpec("binary", ("no opacity", "lung opacity")) if task == "binary" else TaskSpec("multiclass", DETAILED)
+    if labels == "harmonised":
+        records, spec = harmonise.harmonise_records(records, ("Target",), HARMONISED), harmonise.harmonised_task()
     ds = DicomDataset(NAME, folder, records, spec, where=where, policy=policy, annotation_files=files,
-                      notes=[f"task={task}", presence.note()])
+                      notes=[f"task={task}", presence.note(),
+                             harmonise.note(HARMONISED) if labels == "harmonised" else ""])
     return finish(ds, problems)

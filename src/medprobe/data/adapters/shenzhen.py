@@ -26,6 +26,8 @@ patient in this set).
 Metadata: sex, age, age_bin, view ("PA"), site ("Shenzhen, China").
 Uncertain: the mask release is not part of the NLM archive; its folder name differs
 between copies, hence mask_dir.
+labels = native (only); labels=harmonised is refused: tuberculosis is not one of the 18
+harmonised chest findings (see medprobe.data.harmonise).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Problems, PublicDataset, assign_splits,
                                             details, finish, folder_root, split_policy)
 from medprobe.data.adapters.montgomery import TB_CLASSES, read_reading, tb_images
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import DataError
@@ -57,8 +60,10 @@ class ShenzhenDataset(PublicDataset):
 @register_adapter(NAME, "Shenzhen chest X-rays: TB classification, or lung segmentation with the released masks",
                   details(__doc__, official=False))
 def build_shenzhen(root: Path | None, task: str = "classification", mask_dir: str | None = None,
-                   split: str = "systematic", split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS) -> ImageDataset:
+                   split: str = "systematic", split_seed: int = 0, split_fractions: Any = DEFAULT_FRACTIONS,
+                   labels: str = "native") -> ImageDataset:
     """Build the Shenzhen set from the ChinaSet_AllFiles folder ``root``."""
+    harmonise.refuse_tuberculosis(labels, NAME)
     folder = folder_root(NAME, root, "the ChinaSet_AllFiles folder holding CXR_png/")
     task = option("task", task, str, choices=("classification", "segmentation"))
     policy = split_policy(split, split_seed, split_fractions)

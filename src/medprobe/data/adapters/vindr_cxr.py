@@ -6,7 +6,12 @@ row per radiologist, rad_id R1..R17); the 3,000 test images by the consensus of 
 Task: multilabel. labels=all (default): every label column except "No finding"; global:
 the global diagnoses (COPD, Lung tumor, Pneumonia, Tuberculosis, Other disease(s));
 local: the local findings (Aortic enlargement, Atelectasis, ..., Pulmonary fibrosis,
-Rib fracture, Other lesion); or a list of column names.
+Rib fracture, Other lesion); harmonised: the 18 torchxrayvision findings (Pulmonary
+fibrosis -> Fibrosis, Pleural effusion -> Effusion, Pleural thickening ->
+Pleural_Thickening, Rib fracture | Clavicle fracture -> Fracture, the other shared names as
+they are; Nodule and Mass are missing since VinDr labels them together as Nodule/Mass, and so
+are Hernia, Lung Lesion and Enlarged Cardiomediastinum: see medprobe.data.harmonise); or a
+list of column names.
 Aggregation of the radiologists' rows (aggregate=): majority (default; positive when
 more than half of the image's rows are 1), any (positive when at least one is).
 Test rows (one per image) are used as they are.
@@ -41,6 +46,7 @@ from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, DicomDataset, FileIndex, Presence, Problems, Table,
                                             assign_splits, details, dicom_header, finish, folder_root, read_table,
                                             split_policy)
+from medprobe.data import harmonise
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError, DataError
@@ -50,6 +56,15 @@ NAME = "vindr_cxr"
 GLOBAL = {"copd", "lung tumor", "pneumonia", "tuberculosis", "other disease", "other diseases"}
 NO_FINDING = "no finding"
 ID_COLUMNS = ("image_id", "rad_id")
+
+
+#: labels=harmonised: the VinDr-CXR columns each of the 18 findings is mapped from (matched case-insensitively)
+HARMONISED: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("Atelectasis",), "Consolidation": ("Consolidation",), "Infiltration": ("Infiltration",),
+    "Pneumothorax": ("Pneumothorax",), "Edema": ("Edema",), "Emphysema": ("Emphysema",),
+    "Fibrosis": ("Pulmonary fibrosis",), "Effusion": ("Pleural effusion",), "Pneumonia": ("Pneumonia",),
+    "Pleural_Thickening": ("Pleural thickening",), "Cardiomegaly": ("Cardiomegaly",),
+    "Fracture": ("Rib fracture", "Clavicle fracture"), "Lung Opacity": ("Lung Opacity",)}
 
 
 def _csv(folder: Path, name: str) -> Path:
@@ -63,6 +78,9 @@ def _classes(header: list[str], labels: Any) -> tuple[str, ...]:
     columns = [h for h in header if h and h not in ID_COLUMNS]
     if labels in ("all", None):
         return tuple(c for c in columns if c.lower() != NO_FINDING)
+    if labels == "harmonised":
+        used = {n for names in harmonise.resolve(HARMONISED, columns, case_insensitive=True).values() for n in names}
+        return tuple(c for c in columns if c in used)
     if labels == "global":
         return tuple(c for c in columns if c.lower() in GLOBAL)
     if labels == "local":
@@ -70,7 +88,8 @@ def _classes(header: list[str], labels: Any) -> tuple[str, ...]:
     names = option("labels", labels, list[str] | None) or []
     bad = [n for n in names if n not in columns]
     if bad:
-        raise ConfigError(f"option labels: unknown label column(s) {bad}; use all, global, local or names from "
+        raise ConfigError(f"option labels: unknown label column(s) {bad}; use all, global, local, harmonised or "
+                          f"names from "
                           f"{', '.join(columns)}")
     return tuple(names)
 
@@ -155,7 +174,13 @@ def build_vindr_cxr(root: Path | None, labels: Any = "all", aggregate: str = "ma
             where.append(at)
     problems.check()
     records = assign_splits(drafts, policy)
-    ds = DicomDataset(NAME, folder, records, TaskSpec("multilabel", classes), where=where, policy=policy,
+    task = TaskSpec("multilabel", classes)
+    label_note = f"labels={','.join(classes)}"
+    if labels == "harmonised":
+        mapping = harmonise.resolve(HARMONISED, classes, case_insensitive=True)
+        records, task = harmonise.harmonise_records(records, classes, mapping), harmonise.harmonised_task()
+        label_note = harmonise.note(mapping)
+    ds = DicomDataset(NAME, folder, records, task, where=where, policy=policy,
                       annotation_files=[t.path for _, t in tables],
-                      notes=[f"labels={','.join(classes)}", f"aggregate={aggregate}", presence.note()])
+                      notes=[label_note, f"aggregate={aggregate}", presence.note()])
     return finish(ds, problems)

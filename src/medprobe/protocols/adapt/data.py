@@ -64,7 +64,12 @@ class Source:
                 drop_last: bool = False) -> Iterator[Batch]:
         order = self.order(shuffle, generator)
         stop = len(order) - len(order) % batch_size if drop_last and len(order) >= batch_size else len(order)
-        chunks = [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+        yield from self.load([order[i:i + batch_size] for i in range(0, stop, batch_size)], device=device,
+                             augment=augment, generator=generator)
+
+    def load(self, chunks: Sequence[np.ndarray], *, device: torch.device = torch.device("cpu"),
+             augment: Augmenter | None = None, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """One batch per array of rows in ``chunks`` (read ahead in a background thread when not in memory)."""
         raw = (self._rows(rows) for rows in chunks)
         if not self.in_memory:
             raw = prefetch(raw)

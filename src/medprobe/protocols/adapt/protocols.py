@@ -25,7 +25,9 @@ from medprobe.errors import ConfigError
 from medprobe.options import require
 from medprobe.features.extract import preprocessor_for
 from medprobe.metrics import MetricValue, classification_metrics
+from medprobe.distributed import world_size
 from medprobe.protocols.adapt.augment import DEFAULT_AUGMENT, AugmentSpec, Augmenter
+from medprobe.protocols.checkpointing import checkpoint_modules, enable_activation_checkpointing
 from medprobe.protocols.adapt.data import ImageSource, Source
 from medprobe.protocols.adapt.models import (AppendedDeiT, BackboneEncoder, Classifier, count_params, layer_ids,
                                              small_input_stem)
@@ -70,6 +72,12 @@ class TrainOptions:
     head_input: Literal["cls", "cls+mean"] = "cls"
     pooling: Literal["mean", "max", "attention"] = "mean"
     save_checkpoint: bool = False
+    # memory for time: an optimizer step takes batch_size x grad_accum samples in grad_accum micro-batches
+    # (the effective batch; the number of torchrun processes does not change it: each takes a part of
+    # every micro-batch); activation_checkpointing recomputes the backbone's block activations in the
+    # backward pass instead of storing them (same gradients)
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
@@ -88,6 +96,7 @@ class TrainOptions:
         require(self.patience is None or self.patience >= 1,
                 f"patience: must be >= 1 epochs (or null for no early stopping), got {self.patience}")
         require(self.evals_per_epoch >= 1, f"evals_per_epoch: must be >= 1, got {self.evals_per_epoch}")
+        require(self.grad_accum >= 1, f"grad_accum: must be >= 1 micro-batches per step, got {self.grad_accum}")
         require(len(self.crop_scale) == 2, f"crop_scale: expected [low, high], got {self.crop_scale}")
         self.augment_spec = AugmentSpec(tuple(self.augment), (self.crop_scale[0], self.crop_scale[1]), self.rotate,
                                         self.translate, self.zoom, self.brightness, self.contrast)
@@ -170,6 +179,15 @@ def unit_lr(options: Any) -> float:
     return float(lr)
 
 
+def activation_checkpointing(model: Classifier, backbone: Backbone) -> str:
+    """Checkpoint the backbone's blocks (and an appended DeiT's); returns how, for the unit's info."""
+    how = enable_activation_checkpointing(backbone)
+    deit = model.encoder if isinstance(model.encoder, AppendedDeiT) else None
+    if deit is not None:
+        how += f"; torch.utils.checkpoint over the appended classifier's {checkpoint_modules(deit.blocks)} blocks"
+    return how
+
+
 def _lr_label(params: dict[str, Any]) -> str:
     return f" lr={params['lr']:g}" if "lr_grid" in params else ""
 
@@ -194,8 +212,9 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
                       patience=options.patience,
                       select_metric=options.select_metric, evals_per_epoch=options.evals_per_epoch,
                       precision=ctx.precision, device=ctx.device, seed=unit.seed, checkpoint=ckpt,
+                      protocol=unit.protocol,
                       class_weights=balanced_weights(sources["train"].labels, task, _class_count(ctx.dataset))
-                      if options.class_weighting else None)
+                      if options.class_weighting else None, grad_accum=getattr(options, "grad_accum", 1))
     aug = Augmenter(options.augment_spec) if augment and options.augment_spec.active else None
     result = fit(model, sources["train"], sources.get("val"), cfg, task, augment=aug)
     test = sources["test"]
@@ -215,6 +234,7 @@ def train_and_score(model: Classifier, sources: dict[str, Source], options: Trai
                steps=result.steps, steps_to_best=result.best_step, stopped_early=result.stopped_early,
                train_wall_s=result.train_wall_s, inference_s=seconds, peak_memory_kind=result.memory_kind,
                device=str(ctx.device), precision=ctx.precision, batch_size=batch_size,
+               grad_accum=cfg.grad_accum, effective_batch=batch_size * cfg.grad_accum, processes=world_size(),
                augment=list(options.augment) if aug else [], history=result.history,
                train_samples=len(sources["train"]), val_samples=len(sources.get("val") or []),
                test_samples=len(test))
@@ -273,6 +293,8 @@ class AdaptProtocol(Protocol):
         torch.manual_seed(unit.seed)
         options = dataclasses.replace(options, lr=[float(unit.params["lr"])])  # this unit's value of the grid
         model, backbone, info = self.build(unit, options, ctx)
+        if options.activation_checkpointing:
+            info["activation_checkpointing"] = activation_checkpointing(model, backbone)
         pre = preprocessor_for(backbone, ctx.dataset, ctx.image_size)
         sources, how = _image_sources(ctx, pre, unit.seed)
         volumetric = ctx.dataset.ndim == 3

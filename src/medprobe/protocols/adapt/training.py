@@ -7,9 +7,24 @@ linear warm-up then cosine decay (or constant / step), bf16 autocast, gradient c
 validation after every epoch (or several times per epoch), the best state by the validation
 metric kept and restored, early stopping, and records of wall time, steps to the best
 validation and peak memory. :func:`predict` scores a source and times inference.
+
+Gradient accumulation and several processes: an optimizer step takes ``batch_size x grad_accum``
+samples of the epoch's order (the *effective batch*), in ``grad_accum`` micro-batches of
+``batch_size``; under ``torchrun`` (a ``torch.distributed`` process group) each micro-batch is cut
+into one contiguous part per process and the model is wrapped in ``DistributedDataParallel``.
+Every part's loss is weighted by its share of the effective batch's loss normaliser (samples,
+elements, or class weights), so the averaged gradient is the gradient of the effective batch's
+mean loss: the number of processes changes neither the effective batch nor the result (up to
+floating-point summation order); ``grad_accum`` only trades memory for time. Validation and
+test sets are scored in one part per process and gathered, so every process takes the same
+decisions (best state, early stopping); only rank 0 writes the checkpoint. Augmentation and
+dropout draw from per-process generators when there are several processes (their draws then
+differ from a single-process run); on GPUs BatchNorm layers become SyncBatchNorm, on CPUs
+(gloo) their batch statistics are per process.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -23,11 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from medprobe.errors import MedprobeError
+from medprobe import distributed as D
+from medprobe.distributed import MicroBatch, split_micro
+from medprobe.errors import ConfigError, MedprobeError
 from medprobe.fsutil import atomic_write
 from medprobe.metrics import metric_value
 from medprobe.protocols.adapt.augment import Augmenter
-from medprobe.protocols.adapt.data import Batch, Source
+from medprobe.protocols.adapt.data import Batch, Source, targets_tensor
 from medprobe.protocols.adapt.models import layer_ids
 from medprobe.protocols.adapt.peft import is_lora_param
 from medprobe.protocols.linear import inverse_frequency_weights
@@ -58,8 +75,10 @@ class TrainConfig:
     precision: str = "fp32"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # the best state, whole model (readable as backbone weights)
+    protocol: str | None = None  # recorded in the checkpoint
     class_weights: torch.Tensor | None = None
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
 
 
 @dataclass
@@ -99,6 +118,15 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor |
     if bool(known.all()):
         return per.mean()
     return (per * known).sum() / known.sum().clamp_min(1)
+
+
+def loss_normaliser(targets: torch.Tensor, task: str, weights: torch.Tensor | None = None) -> float:
+    """What :func:`loss_fn`'s mean divides by: elements (multi-label), summed class weights, or samples."""
+    if task == "multilabel":
+        return float(targets.numel())
+    if weights is not None:
+        return float(weights.double()[targets.long().cpu()].sum())
+    return float(targets.shape[0])
 
 
 def balanced_weights(labels: np.ndarray, task: str, num_classes: int) -> torch.Tensor:
@@ -258,13 +286,21 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def predict(model: nn.Module, source: Source, cfg: TrainConfig, task: str) -> tuple[np.ndarray, float, float]:
-    """(scores, mean loss, seconds) of ``model`` on every sample of ``source``, in source order."""
+    """(scores, mean loss, seconds) of ``model`` on every sample of ``source``, in source order.
+
+    With several processes each scores one contiguous part of ``source`` and the parts are
+    gathered, so every process returns the whole set's scores.
+    """
     model.eval()
     criterion = loss_fn(task)
+    world = D.world_size()
+    start, stop = D.shard_bounds(len(source), world, D.rank())
+    rows = np.arange(start, stop)
+    chunks = [rows[i:i + cfg.eval_batch_size] for i in range(0, len(rows), cfg.eval_batch_size)]
     scores, total_loss = [], 0.0
     _sync(cfg.device)
     t0 = time.perf_counter()
-    for batch in source.batches(cfg.eval_batch_size, device=cfg.device):
+    for batch in source.load(chunks, device=cfg.device):
         with autocast(cfg.precision, cfg.device):
             logits = model(batch)
         total_loss += float(criterion(logits, batch.targets)) * batch.size
@@ -272,6 +308,10 @@ def predict(model: nn.Module, source: Source, cfg: TrainConfig, task: str) -> tu
     _sync(cfg.device)
     seconds = time.perf_counter() - t0
     out = torch.cat(scores).numpy() if scores else np.zeros((0,))
+    if world > 1:
+        parts = D.gather_objects((out, total_loss))
+        out = np.concatenate([p[0] for p in parts if len(p[0])]) if any(len(p[0]) for p in parts) else out
+        total_loss = sum(p[1] for p in parts)
     return out.astype(np.float64), total_loss / max(1, len(source)), seconds
 
 
@@ -302,11 +342,45 @@ def selection_score(labels: np.ndarray, scores: np.ndarray, loss: float, task: s
 
 
 # --------------------------------------------------------------------------- the loop
+def plan_epoch(order: np.ndarray, labels: np.ndarray, cfg: TrainConfig, task: str, drop_last: bool,
+               world: int, rank: int) -> list[list[MicroBatch]]:
+    """The optimizer steps of one epoch: for each, this process's micro-batches.
+
+    ``order`` is cut into effective batches of ``batch_size * grad_accum`` samples (the last,
+    shorter one dropped when ``drop_last``), each into micro-batches of ``batch_size`` (evenly,
+    when the set is smaller than one effective batch), each into one contiguous part per process.
+    """
+    effective = cfg.batch_size * cfg.grad_accum
+    stop = len(order) - len(order) % effective if drop_last and len(order) >= effective else len(order)
+
+    def norm(rows: np.ndarray) -> float:
+        return loss_normaliser(targets_tensor(labels[rows], task), task, cfg.class_weights)
+
+    steps = []
+    for s in range(0, stop, effective):
+        rows = order[s:s + effective]
+        total = norm(rows)
+        micros = np.array_split(rows, math.ceil(len(rows) / cfg.batch_size))
+        step = [split_micro(m, world, rank, lambda r: norm(r) / total if total else 1.0) for m in micros]
+        step[-1].last = True
+        steps.append(step)
+    return steps
+
+
+def _process_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0])
+
+
 def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, task: str, *,
         augment: Augmenter | None = None, log: Callable[[str], None] | None = None) -> FitResult:
     """Train ``model`` in place and leave it holding its best state (by validation, else the last)."""
     device = cfg.device
+    world, rank = D.world_size(), D.rank()
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"grad_accum: must be >= 1, got {cfg.grad_accum}")
     model.to(device)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over every process's part
     groups, _ = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -314,9 +388,17 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
     optimizer = opt_cls(groups, lr=cfg.lr)
     trainable = [p for g in groups for p in g["params"]]
     criterion = loss_fn(task, cfg.class_weights)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    drop_last = len(train) > cfg.batch_size  # no 1-sample batches (BatchNorm) unless the set is tiny
-    steps_per_epoch = max(1, len(train) // cfg.batch_size if drop_last else math.ceil(len(train) / cfg.batch_size))
+    generator = torch.Generator().manual_seed(cfg.seed)  # the epochs' order: the same in every process
+    aug_generator = generator
+    step_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step_model = DistributedDataParallel(model, device_ids=None, find_unused_parameters=_has_unused(model))
+        aug_generator = torch.Generator().manual_seed(_process_seed(cfg.seed, rank))
+        torch.manual_seed(_process_seed(cfg.seed, rank))  # dropout masks differ between processes
+    effective = cfg.batch_size * cfg.grad_accum
+    drop_last = len(train) > effective  # no 1-sample batches (BatchNorm) unless the set is tiny
+    steps_per_epoch = max(1, len(train) // effective if drop_last else math.ceil(len(train) / effective))
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
@@ -334,29 +416,41 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
     with memory:
         while step < total and not stopped:
             set_train_mode(model)
-            batches: Iterator[Batch] = train.batches(cfg.batch_size, shuffle=True, generator=generator, device=device,
-                                                     augment=augment, drop_last=drop_last)
-            for batch in batches:
+            order = train.order(True, generator)
+            plan = plan_epoch(order, train.labels, cfg, task, drop_last, world, rank)
+            micros = [m for s in plan for m in s]
+            batches: Iterator[Batch] = train.load([m.rows for m in micros], device=device, augment=augment,
+                                                  generator=aug_generator)
+            step_loss = torch.zeros((), device=device)
+            for micro, batch in zip(micros, batches):
                 factor = lr_factor(step, total, warmup, cfg.schedule) * (plateau.scale if plateau else 1.0)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
-                with autocast(cfg.precision, device):
-                    logits = model(batch)
-                loss = criterion(logits, batch.targets)
-                if not torch.isfinite(loss):
-                    raise MedprobeError(f"training diverged: loss is {float(loss)} at step {step + 1}; "
+                sync = micro.last or world == 1  # DDP all-reduces the gradients after the step's last part
+                with step_model.no_sync() if not sync else contextlib.nullcontext():
+                    with autocast(cfg.precision, device):
+                        logits = step_model(batch)
+                    loss = criterion(logits, batch.targets)
+                    (loss if micro.grad_scale == 1.0 else loss * micro.grad_scale).backward()
+                step_loss = step_loss + loss.detach().float() * micro.loss_share
+                if not micro.last:
+                    continue
+                step_value = float(D.all_reduce_sum(step_loss))
+                step_loss = torch.zeros((), device=device)
+                if not math.isfinite(step_value):
+                    raise MedprobeError(f"training diverged: loss is {step_value} at step {step + 1}; "
                                         "lower lr/backbone_lr or enable grad_clip")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 pos = step % steps_per_epoch  # 0 at the end of an epoch
                 if pos == 0 or step == total or (pos % eval_every == 0 and pos // eval_every < cfg.evals_per_epoch):
-                    record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.detach().item(),
+                    record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": step_value,
                               "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - t0}
                     if val is not None:
+                        D.broadcast_buffers(model)  # the same BatchNorm statistics in every process
                         scores, val_loss, _ = predict(model, val, cfg, task)
                         score = selection_score(val.labels, scores, val_loss, task, metric)
                         record.update(val_loss=val_loss, val_score=score)
@@ -364,17 +458,18 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
                     else:
                         score = float(step)  # without validation the last state is kept
                     history.append(record)
-                    if log:
+                    if log and D.is_main_process():
                         log(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                     score = -math.inf if math.isnan(score) else score  # an undefined metric never wins
                     if plateau is not None and val is not None:
                         plateau.update(score)
                     if score > best["score"] or best["state"] is None:
+                        D.broadcast_buffers(model)
                         best.update(score=score, step=step, state=trainable_state(model),
                                     t=time.perf_counter() - t0)
                         bad_evals = 0
-                        if cfg.checkpoint is not None:
-                            _save(best["state"], cfg.checkpoint)
+                        if cfg.checkpoint is not None and D.is_main_process():
+                            _save(model, cfg.checkpoint, cfg.protocol)
                     else:
                         bad_evals += 1
                     if cfg.patience and val is not None and bad_evals >= cfg.patience * cfg.evals_per_epoch:
@@ -383,6 +478,7 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
                 if step >= total:
                     break
     wall = time.perf_counter() - t0
+    del step_model
     if best["state"] is not None:
         model.load_state_dict(best["state"], strict=False)
     return FitResult(best_epoch=best["step"] / steps_per_epoch, best_score=float(best["score"]), best_step=best["step"],
@@ -391,6 +487,17 @@ def fit(model: nn.Module, train: Source, val: Source | None, cfg: TrainConfig, t
                      selected_on=selected_on, history=history)
 
 
-def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
-    atomic_write(path, lambda fh: torch.save(state, fh))
+def _has_unused(model: nn.Module) -> bool:
+    """Whether a trainable parameter may take no part in a forward pass (DDP must then look for it):
+    parameters of an attention pooling that 2D batches never use."""
+    pool = getattr(model, "pool", None)
+    return pool is not None and any(p.requires_grad for p in pool.parameters())
+
+
+def _save(model: nn.Module, path: Path, protocol: str | None = None) -> None:
+    """Write the whole model's state atomically (temporary file, then rename), in the format
+    :mod:`medprobe.backbones.finetuned` reads back as backbone weights (``weights: best.pt``)."""
+    from medprobe.backbones.finetuned import checkpoint_payload
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    payload = checkpoint_payload(state, getattr(getattr(model, "backbone", None), "name", None), protocol)
+    atomic_write(path, lambda fh: torch.save(payload, fh))

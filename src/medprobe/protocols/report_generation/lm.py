@@ -91,10 +91,14 @@ def max_positions(config: Any) -> int | None:
 
 # --------------------------------------------------------------------------- scratch LM (tests, benchmark, demo)
 def word_level_tokenizer(texts: Iterable[str]) -> Any:
-    """A word-level fast tokenizer whose vocabulary is every word and punctuation mark of ``texts``."""
+    """A word-level fast tokenizer whose vocabulary is every whitespace-separated word of ``texts``.
+
+    Words keep their punctuation ("zone.", "right-sided"), so decoding (tokens joined by single
+    spaces) gives back the text as written, which BLEU's own tokenisation then sees unchanged.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    pre = pre_tokenizers.Whitespace()
+    pre = pre_tokenizers.WhitespaceSplit()
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
     vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS.values()) + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))

@@ -20,10 +20,20 @@ size works: every resampling step goes to an explicit size.
 * ``vitdet`` — the simple feature pyramid of ViTDet (Li et al. 2022) built from the last block
   only (4x, 2x by transposed convolutions, 1x, 0.5x by pooling) and a light head: levels
   summed at the finest scale, one 3x3 conv-BN-ReLU, a 1x1 classifier.
+
+Widths. ``width`` is the channel count of the unet/upernet/vitdet decoders, or ``"paper"``:
+the width that gives the trainable-parameter count the studies report, as a fraction of the
+feature dimension D of the backbone (:data:`PAPER_WIDTHS`, rounded to a multiple of 8). The
+fractions were fitted to the published counts at the published feature dimensions: U-Net 17M
+on ViT-L/14 (D = 1024) in the DINOv2-radiology Table 6 (which also gives 38M on ViT-g/14,
+D = 1536: the same fraction reproduces it), UPerNet 39.3M and ViTDet 24.8M on RAD-DINO's
+4 x 768 features (RAD-DINO Table 3). Their architectures are not published in full, so the
+match is in size, not layer by layer.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -175,8 +185,51 @@ class ViTDetDecoder(nn.Module):
         return _resize(self.classifier(self.head(x)), out_size)
 
 
-def build_decoder(name: str, dims: Sequence[int], num_classes: int, width: int = 128) -> nn.Module:
+@dataclass(frozen=True)
+class PaperWidth:
+    """A decoder width as a fraction of the feature dimension, fitted to a published parameter count."""
+
+    fraction: float
+    source: str
+    params: float  # the published trainable-parameter count
+    dim: int  # the feature dimension it was published for
+    num_classes: int  # output classes of the published count
+
+    def width(self, dim: int) -> int:
+        return max(8, 8 * round(self.fraction * dim / 8))
+
+    def describe(self) -> str:
+        return f"paper: {self.fraction} x feature dim, multiple of 8 ({self.source}: {self.params / 1e6:.1f}M at D={self.dim})"
+
+
+PAPER_WIDTHS: dict[str, PaperWidth] = {
+    "unet": PaperWidth(0.836, "DINOv2-radiology Table 6, ViT-L/14 (38M on ViT-g/14)", 17e6, 1024, 1),
+    "upernet": PaperWidth(0.708, "RAD-DINO Table 3, 4x768 features", 39.3e6, 768, 2),
+    "vitdet": PaperWidth(0.885, "RAD-DINO Table 3, 4x768 features", 24.8e6, 768, 2),
+}
+
+
+def resolve_width(name: str, width: int | str, dims: Sequence[int]) -> int:
+    """The channel width of decoder ``name``: ``width`` itself, or the ``"paper"`` width for these feature dims."""
+    if isinstance(width, int):
+        return width
+    if width != "paper":
+        raise ConfigError(f"width: a number of channels or 'paper', got {width!r}")
+    if name not in PAPER_WIDTHS:
+        return 128  # a decoder without a width (linear) or without a published count
+    return PAPER_WIDTHS[name].width(int(dims[-1]))
+
+
+def width_identity(name: str, width: int | str) -> int | str:
+    """What ``width`` means for decoder ``name``, for unit identities: the number, or the paper rule."""
+    if width == "paper" and name in PAPER_WIDTHS:
+        return PAPER_WIDTHS[name].describe()
+    return width
+
+
+def build_decoder(name: str, dims: Sequence[int], num_classes: int, width: int | str = 128) -> nn.Module:
     """A frozen-backbone decoder by name; ``dims`` are the channel widths of its input grids."""
+    width = resolve_width(name, width, dims)
     if name == "linear":
         return LinearDecoder(dims, num_classes)
     if name == "unet":

@@ -37,16 +37,12 @@ class Geometry:
     """How a native 2D item maps onto the square network input of side ``size``."""
 
     size: int
-    resize: str = "square"  # or "shortest_edge+center_crop"
+    resize: str = "square"  # or a centre-crop policy of medprobe.data.preprocess.RESIZE_SCALE
 
     def crop_box(self, h: int, w: int) -> tuple[int, int, int, int]:
         """(resized h, resized w, top, left) of the centre crop; the crop is the whole image for square."""
-        s = self.size
-        if self.resize == "shortest_edge+center_crop":
-            r = s / min(h, w)
-            nh, nw = max(s, round(h * r)), max(s, round(w * r))
-            return nh, nw, (nh - s) // 2, (nw - s) // 2
-        return s, s, 0, 0
+        from medprobe.data.preprocess import crop_box
+        return crop_box(h, w, self.size, self.resize)  # the same geometry as the images
 
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) labels -> (S, S) labels (nearest neighbour), uint8."""

@@ -1,4 +1,10 @@
-"""Dice + cross-entropy loss for multi-class segmentation with a background class."""
+"""Dice + cross-entropy loss for multi-class segmentation with a background class.
+
+The loss is a function of batch sums (:meth:`DiceCELoss.statistics`: cross-entropy sum and
+normaliser, per-class intersections and sizes), so a batch cut into parts (processes of a
+distributed run) has exactly the loss of the whole batch: the parts' statistics are summed
+and :meth:`DiceCELoss.from_statistics` applied to the sum.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,6 +59,35 @@ class DiceCELoss(nn.Module):
             loss = loss + self.ce_weight * ce
         if self.dice_weight:
             dice = soft_dice_per_class(logits.softmax(dim=1), target, self.smooth)
+            w = self.class_weights.clone()
+            if not self.dice_background:
+                w[0] = 0
+            loss = loss + self.dice_weight * (1 - (w * dice).sum() / w.sum())
+        return loss
+
+    def statistics(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Batch sums the loss depends on: [CE sum, CE normaliser, intersections (C), sizes (C)]."""
+        target = target.long()
+        logits = logits.float()
+        w = self.class_weights if self.weighted else None
+        ce_sum = F.cross_entropy(logits, target, weight=w, reduction="sum")
+        ce_norm = (self.class_weights[target].sum() if self.weighted else
+                   torch.tensor(float(target.numel()), device=logits.device))
+        probs = logits.softmax(dim=1)
+        onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        inter = (probs * onehot).sum((0, 2, 3))
+        denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        return torch.cat([ce_sum.reshape(1), ce_norm.reshape(1).to(ce_sum.dtype), inter, denom])
+
+    def from_statistics(self, stats: torch.Tensor) -> torch.Tensor:
+        """The loss of the batch whose :meth:`statistics` are ``stats`` (equal to :meth:`forward`)."""
+        c = self.num_classes
+        loss = stats.new_zeros(())
+        if self.ce_weight:
+            loss = loss + self.ce_weight * stats[0] / stats[1]
+        if self.dice_weight:
+            inter, denom = stats[2:2 + c], stats[2 + c:2 + 2 * c]
+            dice = (2 * inter + self.smooth) / (denom + self.smooth)
             w = self.class_weights.clone()
             if not self.dice_background:
                 w[0] = 0

@@ -11,6 +11,9 @@ Experiment file::
         surface: true          # HD95, ASSD, NSD in mm (voxel spacing from the volume's affine)
         tolerance_mm: 1.0      # NSD tolerance
         empty: one             # class absent from truth and prediction: Dice/Jaccard/NSD 1 (one) or NaN (nan)
+        width: paper           # decoder widths giving the papers' parameter counts (or a number of channels)
+        augment: true          # paired augmentations, image and mask alike:
+        augmentations: [hflip, affine, elastic, brightness_contrast, gamma]
 
 One unit per decoder x seed (and per decoder x shots x draw). Frozen decoders train on the
 cached multi-block patch grids of the feature store when ``augment`` is off (the backbone
@@ -31,6 +34,7 @@ import torch
 
 from medprobe.backbones.base import Backbone
 from medprobe.data.base import ImageDataset, record_metadata
+from medprobe.distributed import is_main_process, world_size
 from medprobe.errors import ConfigError, DataError
 from medprobe.fsutil import slug
 from medprobe.options import require
@@ -39,17 +43,21 @@ from medprobe.data.volume import to_source
 from medprobe.metrics import SURFACE_METRICS, MetricValue, segmentation_metrics
 from medprobe.predictions import Predictions, SplitPredictions
 from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, UnitResult
+from medprobe.protocols.checkpointing import checkpoint_modules
 from medprobe.protocols.segmentation import overlays
-from medprobe.protocols.segmentation.decoders import FROZEN_DECODERS, MULTI_BLOCK, build_decoder, count_trainable
+from medprobe.protocols.segmentation.augment import DEFAULT_SEG_AUGMENT, augment_names
+from medprobe.protocols.segmentation.decoders import FROZEN_DECODERS, MULTI_BLOCK, build_decoder, count_trainable, \
+    resolve_width, width_identity
 from medprobe.protocols.segmentation.items import Geometry, SplitItems, build_items, input_images, input_masks, \
     load_case
 from medprobe.protocols.segmentation.losses import DiceCELoss
-from medprobe.protocols.segmentation.scratch import SCRATCH_MODELS, TRANSUNET_VARIANT, build_scratch
+from medprobe.protocols.segmentation.scratch import SCRATCH_MODELS, TRANSUNET_VARIANT, TransUNet, build_scratch
 from medprobe.protocols.segmentation.train import FrozenSegmenter, GridSource, ImageSource, fit, predict
 from medprobe.protocols.segmentation.volumes import aggregate, foreground_slice, from_slices, iter_cases, to_slices, \
     voxel_spacing, write_nifti
 
 Decoder = Literal["linear", "unet", "upernet", "vitdet", "unet_scratch", "transunet_scratch"]
+SegAugmentation = Literal["affine", "hflip", "elastic", "brightness_contrast", "gamma"]
 ALL_DECODERS: tuple[str, ...] = FROZEN_DECODERS + SCRATCH_MODELS
 
 
@@ -78,9 +86,13 @@ class SegmentationOptions:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 8
-    width: int = 128  # channels of the unet/upernet/vitdet decoders (unet: width, /2, /4, /8)
+    # channels of the unet/upernet/vitdet decoders (unet: width, /2, /4, /8), or "paper": the width giving the
+    # studies' parameter counts (unet 17M on ViT-L, upernet 39.3M / vitdet 24.8M on 768-d features; decoders.PAPER_WIDTHS)
+    width: int | Literal["paper"] = 128
     blocks: list[int] | None = None  # the four blocks feeding unet/upernet; default evenly spaced, last = last block
     augment: bool = False
+    # with augment on: which paired augmentations (image and mask alike; segmentation.augment.SEG_AUGMENTATIONS)
+    augmentations: list[SegAugmentation] = field(default_factory=lambda: list(DEFAULT_SEG_AUGMENT))
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     class_weights: list[float] | None = None  # one per class, background first
@@ -97,6 +109,11 @@ class SegmentationOptions:
     overlays: int = 3  # test cases drawn as PNG overlays (0 = none)
     write_nifti: bool = False  # 3D: write test predictions as NIfTI with the source affine
     scratch: ScratchOptions = field(default_factory=ScratchOptions)
+    # memory for time: an optimizer step takes batch_size x grad_accum samples in grad_accum micro-batches
+    # (torchrun processes share every micro-batch and do not change it); activation_checkpointing recomputes
+    # the transformer blocks of transunet_scratch in the backward pass (frozen backbones store nothing)
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         require(len(self.decoders) > 0, f"decoders: name at least one of {', '.join(ALL_DECODERS)}")
@@ -105,7 +122,11 @@ class SegmentationOptions:
         require(self.lr > 0, f"lr: must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
-        require(self.width >= 8, f"width: must be >= 8, got {self.width}")
+        require(self.grad_accum >= 1, f"grad_accum: must be >= 1 micro-batches per step, got {self.grad_accum}")
+        require(self.width == "paper" or self.width >= 8, f"width: must be >= 8 or 'paper', got {self.width}")
+        augment_names(self.augmentations)  # repeated names fail here
+        require(not self.augment or len(self.augmentations) > 0,
+                "augmentations: name at least one with augment: true (or set augment: false)")
         require(self.blocks is None or len(self.blocks) == 4,
                 f"blocks: give exactly four block indices (e.g. [2, 5, 8, 11]), got {self.blocks}")
         require(self.dice_weight >= 0 and self.ce_weight >= 0 and self.dice_weight + self.ce_weight > 0,
@@ -119,6 +140,16 @@ class SegmentationOptions:
         require(self.overlays >= 0, f"overlays: must be >= 0, got {self.overlays}")
         require(self.tolerance_mm >= 0, f"tolerance_mm: must be >= 0, got {self.tolerance_mm}")
         require(self.empty in ("one", "nan"), f"empty: must be one or nan, got {self.empty!r}")
+
+
+def _checkpointing(model: torch.nn.Module) -> str:
+    """Activation checkpointing where it saves memory without changing results: transformer blocks."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(model, TransUNet) and blocks is not None:
+        return f"torch.utils.checkpoint over {checkpoint_modules(blocks)} transformer blocks"
+    if isinstance(model, FrozenSegmenter):
+        return "not applied: the frozen backbone runs without gradients and stores no activations"
+    return "not applied: BatchNorm statistics would be updated twice by the recomputation"
 
 
 def default_blocks(num_blocks: int) -> list[int]:
@@ -238,7 +269,8 @@ class Segmentation(Protocol):
     def variant(self, params: dict[str, Any]) -> str:
         out = params["decoder"]
         if params.get("augment"):
-            out += " aug"
+            names = params.get("augmentations")
+            out += " aug(" + "+".join(names) + ")" if names else " aug"
         if params.get("shots"):
             out += f" {params['shots']}-shot"
         return out
@@ -272,8 +304,10 @@ class Segmentation(Protocol):
                              "dice_weight": options.dice_weight, "ce_weight": options.ce_weight,
                              "class_weights": options.class_weights, "select_best": options.select_best,
                              "slice_axis": options.slice_axis, "augment": options.augment}
+        if options.augment and tuple(options.augmentations) != DEFAULT_SEG_AUGMENT:
+            p["augmentations"] = list(options.augmentations)
         if decoder in ("unet", "upernet", "vitdet"):
-            p["width"] = options.width
+            p["width"] = width_identity(decoder, options.width)
         if decoder in MULTI_BLOCK:
             p["blocks"] = options.blocks
         if decoder in SCRATCH_MODELS:
@@ -312,7 +346,8 @@ class Segmentation(Protocol):
         scratch = decoder_name in SCRATCH_MODELS
         info: dict[str, Any] = {"decoder": decoder_name, "image_size": state.geometry.size,
                                 "train_cases": int(len(cases)), "train_items": int(len(train_rows)),
-                                "test_cases": int(len(test_items.records)), "augment": bool(options.augment)}
+                                "test_cases": int(len(test_items.records)),
+                                "augment": list(options.augmentations) if options.augment else []}
         if p.get("shots"):
             info["train_keys"] = [ds.records[int(train_items.records[c])].key for c in cases]
         if scratch:
@@ -348,15 +383,24 @@ class Segmentation(Protocol):
             total_params = count_trainable(model)
         else:
             dims = [int(test_grids[b].shape[1]) for b in blocks]
-            decoder = build_decoder(decoder_name, dims, num_classes, options.width)
+            width = resolve_width(decoder_name, options.width, dims)
+            decoder = build_decoder(decoder_name, dims, num_classes, width)
+            if decoder_name != "linear":
+                info["width"] = width
             model = FrozenSegmenter(decoder, size, state.backbone, blocks, ctx.precision)
             total_params = count_trainable(decoder) + sum(q.numel() for q in state.backbone.parameters())
         trainable = count_trainable(model)
+        if options.activation_checkpointing:
+            info["activation_checkpointing"] = _checkpointing(model)
+        info.update(grad_accum=options.grad_accum, effective_batch=options.batch_size * options.grad_accum,
+                    processes=world_size())
         loss_fn = DiceCELoss(num_classes, dice_weight=options.dice_weight, ce_weight=options.ce_weight,
                              class_weights=options.class_weights).to(ctx.device)
         result = fit(model, train_src, val_src, loss_fn, epochs=options.epochs, lr=float(p["lr"]),
                      weight_decay=options.weight_decay, batch_size=options.batch_size, seed=unit.seed,
-                     device=ctx.device, augment=options.augment, select_best=options.select_best)
+                     device=ctx.device, augment=tuple(options.augmentations) if options.augment else (),
+                     select_best=options.select_best,
+                     grad_accum=options.grad_accum)
         info.update(best_epoch=result.best_epoch, selected_on=result.selected_on, train_s=round(result.seconds, 3),
                     history=[{k: round(v, 5) for k, v in h.items()} for h in result.history],
                     trainable_params=trainable, total_params=int(total_params),
@@ -364,7 +408,7 @@ class Segmentation(Protocol):
 
         t1 = time.perf_counter()
         per_case, pictures, written = self._evaluate(model, test_src, test_items, options, ctx, state,
-                                                     overlay=not p.get("shots"))
+                                                     overlay=not p.get("shots") and is_main_process())
         info["predict_s"] = round(time.perf_counter() - t1, 3)
         metrics = aggregate(per_case, bootstrap=ctx.bootstrap, seed=unit.seed)
         predictions = case_predictions(ds, test_items.records, per_case)
@@ -422,7 +466,7 @@ class Segmentation(Protocol):
                                       spacing=spacing, surface=SURFACE_METRICS if options.surface else (),
                                       tolerance_mm=options.tolerance_mm, empty=options.empty)
         key = ds.records[index].key
-        if volumetric and options.write_nifti:
+        if volumetric and options.write_nifti and is_main_process():  # under torchrun, rank 0 alone writes
             target = ctx.work_dir / "predictions" / f"{slug(key)}.nii.gz"
             if callable(getattr(ds, "geometry", None)) and getattr(ds, "orientation", "canonical") == "canonical":
                 geom = ds.geometry(index)  # back to the file's own grid and axis order
