@@ -150,8 +150,13 @@ def rewrite(raw: dict[str, Any], stand_in: dict[str, dict[str, Any]] | None = No
                 raise ConfigError(f"datasets.{dname}: no stand_in declared (task, ndim) to replace it with a {kind}")
             # a seed per entry: two stand-ins of the same kind are different data (and derive different keys)
             datasets[dname] = {**stand_in_entry(kind, stand_in[dname], f"stand_in.{dname}"), "seed": i}
-            if isinstance(raw["datasets"][dname], dict) and "test_on" in raw["datasets"][dname]:
-                datasets[dname]["test_on"] = raw["datasets"][dname]["test_on"]  # cross-dataset units stay
+            real = raw["datasets"][dname] if isinstance(raw["datasets"][dname], dict) else {}
+            if "test_on" in real:
+                datasets[dname]["test_on"] = real["test_on"]  # cross-dataset units stay
+            # the stand-in is scored like the dataset it replaces (kappa for APTOS, AUPRC for RSNA...)
+            from medprobe.data.headline import headline_metric
+            datasets[dname]["headline_metric"] = headline_metric(
+                str(real.get("adapter", "")), datasets[dname]["task"], real.get("headline_metric"))
         raw["datasets"] = datasets
     if tiny:
         top = raw.get("image_size")
