@@ -281,3 +281,11 @@ def test_a_meta_json_that_is_not_a_store_is_rebuilt_and_said(tmp_path, capsys, m
     assert _run(path).done == 1
     assert "is damaged" in capsys.readouterr().err
     assert (store / "meta.json").read_text() != meta
+
+
+def test_configurations_that_differ_in_a_run_setting_are_labelled_by_it(tmp_path):
+    _run(_write(tmp_path, {"knn": {"k": [3]}}, image_size=28))
+    _run(_write(tmp_path, {"knn": {"k": [3]}}, image_size=42))
+    summary = summarize(load_results(tmp_path / "run"))
+    labels = set(summary.loc[summary["metric"] == "auroc", "variant"])
+    assert labels == {"knn k=3 image_size=28", "knn k=3 image_size=42"}

@@ -89,7 +89,7 @@ def add_cross_units(plan: "Plan", protocol_options: dict[str, tuple[Protocol, An
                                            config_key=config_key, options=resolved,
                                            backbone_key=digest(identities[bname]),
                                            backbone_identity=identities[bname], dataset_key=digest(identity),
-                                           env=env)
+                                           env=env, settings=settings)
                         plan.units.append(PlannedUnit(key, dname, bname, proto, options, unit, record.variant, record,
                                                       test_on=target))
 

@@ -182,7 +182,8 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
                                        weights=ref.weights_label(), protocol=pname, variant=variant,
                                        params=unit.params, seed=unit.seed, config_key=config_key,
                                        options=resolved, backbone_key=digest(identities[bname]),
-                                       backbone_identity=identities[bname], dataset_key=dataset_key, env=env)
+                                       backbone_identity=identities[bname], dataset_key=dataset_key, env=env,
+                                       settings=settings)
                     plan.units.append(PlannedUnit(key, dname, bname, proto, options, unit, variant, record))
             plan.needs[(dname, bname)] = needs
     add_cross_units(plan, protocol_options, archs, identities, env)

@@ -72,10 +72,16 @@ def describe_environment(env: dict[str, Any]) -> str:
             f"{env.get('device')} ({env.get('device_name')}), precision {env.get('precision')}")
 
 
-def _notes(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+NOTED_METRICS = ("k_used",)  # metrics whose note is always worth a line (e.g. the k a kNN could use)
+
+
+def _notes(df: pd.DataFrame, summary: pd.DataFrame, headline: dict[str, str | None]) -> list[str]:
+    """Notes worth a reader's attention: undefined values and why, notes on each dataset's headline
+    metric, the k a kNN used, dataset warnings (descriptive notes of cost metrics stay in the tables)."""
     notes = []
     for r in summary.itertuples():
-        if isinstance(r.note, str) and r.note:
+        wanted = r.mean != r.mean or r.metric in NOTED_METRICS or r.metric == headline.get(r.dataset)
+        if wanted and isinstance(r.note, str) and r.note:
             value = "n/a" if r.mean != r.mean else f"{r.mean:.3f}"
             notes.append(f"{r.dataset} / {r.backbone} / {r.variant}: {r.metric} {value}: {r.note}")
     if "info_json" in df:
@@ -94,7 +100,7 @@ def build_report(output_dir: str | Path, write: bool = True) -> Report:
     df = load_results(out)
     summary = summarize(df)
     headline = {d: headline_metric(summary, d) for d in summary["dataset"].unique()}
-    report = Report(summary, headline=headline, failed=load_failed(out), notes=_notes(df, summary),
+    report = Report(summary, headline=headline, failed=load_failed(out), notes=_notes(df, summary, headline),
                     environments=load_environments(out))
     if not write or not os.access(out, os.W_OK):
         return report

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS runs (
     dataset_key TEXT,
     env_json TEXT,
     predictions TEXT,
-    predictions_sha256 TEXT
+    predictions_sha256 TEXT,
+    settings_json TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_key TEXT NOT NULL REFERENCES runs(key),
@@ -66,7 +67,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS metrics_unique ON metrics(run_key, split, metr
 """
 # columns added in schema 2 (ALTER TABLE for a results.db written by an earlier version)
 _ADDED = ("config_key", "options_json", "backbone_key", "backbone_json", "dataset_key", "env_json", "predictions",
-          "predictions_sha256")
+          "predictions_sha256", "settings_json")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class RunRecord:
     backbone_identity: dict[str, Any]
     dataset_key: str
     env: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)  # run-level settings in the key (image size...)
 
 
 def _check_path(path: Path) -> None:
@@ -203,10 +205,11 @@ class ResultsStore:
             c.execute("DELETE FROM metrics WHERE run_key = ?", (r.key,))
             c.execute("INSERT OR REPLACE INTO runs (key, experiment, dataset, backbone, weights, protocol, variant, "
                       "params_json, seed, status, started_at, config_key, options_json, backbone_key, backbone_json, "
-                      "dataset_key, env_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                      "dataset_key, env_json, settings_json) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
                       (r.key, r.experiment, r.dataset, r.backbone, r.weights, r.protocol, r.variant,
                        _json(r.params), r.seed, time.time(), r.config_key, _json(r.options), r.backbone_key,
-                       _json(r.backbone_identity), r.dataset_key, _json(r.env)))
+                       _json(r.backbone_identity), r.dataset_key, _json(r.env), _json(r.settings)))
         return True
 
     def finish(self, key: str, metrics: Iterable[MetricValue], split: str, info: dict[str, Any], wall_s: float,

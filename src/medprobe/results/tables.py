@@ -36,7 +36,8 @@ def load_results(output_dir: str | Path) -> pd.DataFrame:
     conn = connect_readonly(Path(output_dir) / "results.db")
     try:
         have = _columns(conn)
-        extra = [c for c in ("config_key", "options_json", "backbone_key", "dataset_key") if c in have]
+        extra = [c for c in ("config_key", "options_json", "settings_json", "backbone_key", "dataset_key")
+                 if c in have]
         cols = ", ".join(f"r.{c}" for c in extra)
         df = pd.read_sql_query(
             "SELECT r.key AS run_key, r.experiment, r.dataset, r.backbone, r.weights, r.protocol, r.variant, "
@@ -45,7 +46,7 @@ def load_results(output_dir: str | Path) -> pd.DataFrame:
             "WHERE r.status = 'done' ORDER BY r.dataset, r.backbone, r.started_at, m.metric, r.seed", conn)
     finally:
         conn.close()
-    for c in ("config_key", "options_json", "backbone_key", "dataset_key"):
+    for c in ("config_key", "options_json", "settings_json", "backbone_key", "dataset_key"):
         if c not in df:
             df[c] = None
     # rows of an older results.db: the configuration is what its key hashed (labels and params)
@@ -88,11 +89,9 @@ def derive_labels(df: pd.DataFrame) -> pd.Series:
         if len(configs) < 2:
             continue
         leaves = {}
-        for ck, raw in zip(configs["config_key"], configs["options_json"]):
-            try:
-                leaves[ck] = flatten(json.loads(raw)) if isinstance(raw, str) else {}
-            except ValueError:
-                leaves[ck] = {}
+        settings = configs["settings_json"] if "settings_json" in configs else [None] * len(configs)
+        for ck, raw, run_raw in zip(configs["config_key"], configs["options_json"], settings):
+            leaves[ck] = _leaves(raw, run_raw)
         names = sorted({k for v in leaves.values() for k in v})
         differ = [k for k in names if len({json.dumps(v.get(k), sort_keys=True) for v in leaves.values()}) > 1]
         base = group["variant"].iloc[0]
@@ -102,6 +101,21 @@ def derive_labels(df: pd.DataFrame) -> pd.Series:
         for ck, t in text.items():
             labels.loc[group.index[group["config_key"] == ck]] = t
     return labels
+
+
+def _leaves(options_json: Any, settings_json: Any) -> dict[str, Any]:
+    """Flat options of a configuration plus its run-level settings (image size...); a setting whose name is
+    also an option's is shown as ``run.<name>``."""
+    def load(text: Any) -> dict[str, Any]:
+        try:
+            value = json.loads(text) if isinstance(text, str) else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    out = flatten(load(options_json)) if load(options_json) else {}
+    for k, v in flatten(load(settings_json)).items() if load(settings_json) else []:
+        out[f"run.{k}" if k in out else k] = v
+    return out
 
 
 def _sd(v: pd.Series) -> float:
