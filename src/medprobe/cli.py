@@ -78,8 +78,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             return 0
         print_table("medprobe dataset adapters", ("name", "summary"), [(i.name, i.summary) for i in infos])
         return 0
-    from medprobe.protocols import list_protocols
-    names = list_protocols()
+    from medprobe.protocols.catalog import protocol_names  # a table: no torch import to list names
+    names = protocol_names()
     print(json.dumps(names) if args.json else "\n".join(names))
     return 0
 

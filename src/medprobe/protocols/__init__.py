@@ -1,17 +1,20 @@
 """Evaluation and adaptation protocols, registered by name for experiment files.
 
-Importing this package registers the built-in protocols; ``list_protocols()`` names them.
+The built-in protocols are registered on first use (:func:`load_builtin`, called by
+``get_protocol``/``list_protocols``), so importing this package (or its torch-free
+:mod:`~medprobe.protocols.catalog`) stays cheap.
 """
 from __future__ import annotations
 
 import importlib
 
-_MODULES = ("medprobe.protocols.frozen", "medprobe.protocols.adapt", "medprobe.protocols.volume",
-            "medprobe.protocols.segmentation", "medprobe.protocols.zero_shot",
-            "medprobe.protocols.report_generation")
+from medprobe.protocols.catalog import CATALOG
 
-for _module in _MODULES:
-    importlib.import_module(_module)
+
+def load_builtin() -> None:
+    """Import every module that registers a built-in protocol (once; later calls are free)."""
+    for module in dict.fromkeys(CATALOG.values()):
+        importlib.import_module(module)
 
 
 def list_protocols() -> list[str]:

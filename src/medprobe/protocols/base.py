@@ -153,7 +153,8 @@ def register_protocol(cls: type[Protocol]) -> type[Protocol]:
 
 
 def get_protocol(name: str) -> Protocol:
-    from medprobe import protocols  # noqa: F401  (registers the built-in protocols)
+    from medprobe.protocols import load_builtin
+    load_builtin()  # registers the built-in protocols
     try:
         return _PROTOCOLS[name]
     except KeyError:
@@ -161,5 +162,6 @@ def get_protocol(name: str) -> Protocol:
 
 
 def all_protocols() -> dict[str, Protocol]:
-    from medprobe import protocols  # noqa: F401
+    from medprobe.protocols import load_builtin
+    load_builtin()
     return dict(_PROTOCOLS)
