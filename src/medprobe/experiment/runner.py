@@ -32,6 +32,7 @@ from medprobe.experiment.config import ExperimentConfig
 from medprobe.experiment.cross import CrossFeatures, add_cross_units
 from medprobe.experiment.lock import OutputLock
 from medprobe.features import extract_features
+from medprobe.fsutil import atomic_write
 from medprobe.identity import digest
 from medprobe.predictions import write_predictions
 from medprobe.protocols.base import ArchInfo, FeatureNeeds, Protocol, Unit, UnitContext, get_protocol
@@ -298,9 +299,7 @@ def _write_experiment_json(out: Path, config: ExperimentConfig) -> None:
     path = out / "experiment.json"
     try:
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_name(f"{path.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            atomic_write(path, text)
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 

@@ -9,7 +9,7 @@ Every predictions file is checked against its recorded SHA-256 before anything i
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medprobe.errors import ConfigError, DataError
+from medprobe.fsutil import atomic_write
 from medprobe.predictions import Predictions
 from medprobe.results.runs import RunInfo, load_predictions, load_runs
 
@@ -75,22 +76,20 @@ def export_predictions(output_dir: str | Path, out: str | Path) -> ExportSummary
             summary.skipped.append(f"{run.key} ({run.label}): {pred.kind} predictions (not classification)")
             continue
         loaded.append((run, pred))
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    def write(fh) -> None:  # streamed: the CSV of a large experiment never sits in memory
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        writer = csv.writer(text)
+        writer.writerow(COLUMNS)
+        for run, pred in loaded:
+            for row in prediction_rows(run, pred):
+                writer.writerow(row)
+                summary.rows += 1
+            summary.units += 1
+        text.flush()
+        text.detach()
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(COLUMNS)
-            for run, pred in loaded:
-                for row in prediction_rows(run, pred):
-                    writer.writerow(row)
-                    summary.rows += 1
-                summary.units += 1
-        os.replace(tmp, out)
+        atomic_write(out, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return summary
