@@ -66,7 +66,7 @@ def test_phantom_default_binary():
     check_no_leakage(ds)
     per_patient = Counter(r.patient_id for r in ds.records)
     assert max(per_patient.values()) == 2 and len(per_patient) < 240
-    assert set(ds.records[0].metadata) == {"sex", "age", "view"}
+    assert set(ds.records[0].metadata) == {"sex", "age", "age_bin", "view"}
     for s in ("train", "val", "test"):
         assert set(ds.labels(ds.indices(s)).tolist()) == {0, 1}
     img = ds.load_image(0)

@@ -289,3 +289,14 @@ def test_configurations_that_differ_in_a_run_setting_are_labelled_by_it(tmp_path
     summary = summarize(load_results(tmp_path / "run"))
     labels = set(summary.loc[summary["metric"] == "auroc", "variant"])
     assert labels == {"knn k=3 image_size=28", "knn k=3 image_size=42"}
+
+
+def test_a_volume_probe_stores_per_volume_predictions(tmp_path):
+    from medprobe.predictions import read_predictions
+    path = _write(tmp_path, {"volume_probe": {"pooling": ["mean"], "epochs": 1}},
+                  datasets={"v": {"adapter": "phantom", "n": 24, "size": 16, "ndim": 3}})
+    assert _run(path).done == 1
+    (pred_file,) = (tmp_path / "run" / "predictions").glob("*.npz")
+    sp = read_predictions(pred_file).splits["test"]
+    assert len(sp) == len(set(sp.keys)) > 0 and set(sp.columns) >= {"target", "score"}
+    assert "sex" in sp.metadata

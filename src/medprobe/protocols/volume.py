@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from medprobe.data.base import ImageDataset
+from medprobe.data.base import ImageDataset, record_metadata
 from medprobe.errors import ConfigError
 from medprobe.options import require
 from medprobe.protocols.adapt.data import EmbeddingSource, Source
@@ -92,8 +92,15 @@ class VolumeProbe(Protocol):
         sources: dict[str, Source] = {}
         for split in ("train", "val", "test"):
             if split in store.splits:
-                sources[split] = EmbeddingSource(store.tokens(split, "cls", block), store.array(split, "item_owner"),
-                                                 store.labels(split), task)
+                src = EmbeddingSource(store.tokens(split, "cls", block), store.array(split, "item_owner"),
+                                      store.labels(split), task)
+                keys = store.keys(split)
+                if len(keys) == len(src):  # one key per volume: predictions are stored by them
+                    by_key = {r.key: r for r in ctx.dataset.records}
+                    src.sample_keys, src.patient_ids = list(keys), list(store.patient_ids(split))
+                    if all(k in by_key for k in keys):
+                        src.metadata = record_metadata([by_key[k] for k in keys])
+                sources[split] = src
         for split in ("train", "test"):
             if split not in sources:
                 raise ConfigError(f"the feature store has no {split!r} split (it has {', '.join(store.splits)})")

@@ -67,7 +67,8 @@ def load_environments(output_dir: Path) -> list[tuple[dict[str, Any], int]]:
 def describe_environment(env: dict[str, Any]) -> str:
     pk = env.get("packages") or {}
     versions = ", ".join(f"{k} {v}" for k, v in pk.items() if v)
-    sha = f" ({env['git_sha'][:12]})" if env.get("git_sha") else ""
+    git = str(env.get("git_sha") or "")
+    sha = f" ({git[:12]}{'-dirty' if git.endswith('-dirty') else ''})" if git else ""  # dirty: uncommitted edits
     return (f"medprobe {env.get('medprobe')}{sha}, python {env.get('python')}, {versions}; device "
             f"{env.get('device')} ({env.get('device_name')}), precision {env.get('precision')}")
 

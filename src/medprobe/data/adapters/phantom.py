@@ -8,6 +8,7 @@ import numpy as np
 
 from medprobe.data.adapters import register_adapter
 from medprobe.data.base import ArrayDataset, ImageDataset, Record, TaskSpec
+from medprobe.data.metadata import age_bin
 from medprobe.data.phantom import CHEST_FINDINGS, make_chest_phantoms, make_volume_phantoms, volume_metadata
 from medprobe.data.phantom_reports import chest_phantoms_with_reports
 from medprobe.data.splits import patient_split
@@ -29,7 +30,7 @@ task=segmentation: masks 0 background, 1 organ A, 2 organ B.
 Splits: patient-level, stratified on the label, about 60/20/20 train/val/test.
 About a fifth of the images are second images of the previous patient (same
 anatomy, sex and age), so patient-level splitting matters. Metadata: sex (M/F),
-age (1-95), view (PA/AP; "axial" for volumes). Intensities lie in [0, 1]
+age (1-95), age_bin (as the real adapters), view (PA/AP; "axial" for volumes). Intensities lie in [0, 1]
 (value_range = (0, 1)).
 task=multiclass: C classes (class_names, default 3) from image-visible factors
 (code = lesion + 2 view (2D) / bright volume (3D) + 4 sex; classes merge codes when
@@ -45,6 +46,14 @@ support devices, a central line and ECG leads, and give every image a templated
 findings report describing what was drawn: devices, the opacity's side, zone and
 size, heart size; used by the report_generation protocol).
 Licence: generated data, no restrictions."""
+
+
+def _record_metadata(m: dict[str, Any]) -> dict[str, Any]:
+    """A record's metadata: the phantom's sex, age and view, and age_bin from age (as the real adapters)."""
+    out = {k: v for k, v in m.items() if k != "patient_id"}
+    if "age" in out:
+        out["age_bin"] = age_bin(out["age"])
+    return out
 
 
 @register_adapter("phantom", "Synthetic chest X-rays (2D) or CT-like volumes (3D); offline demo data", DETAILS)
@@ -84,8 +93,7 @@ def build_phantom(root: Path | None = None, n: int = 240, size: int = 64, seed: 
     targets: list[Any] = [r.label for r in draft]
     if task in ("multiclass", "multilabel"):
         targets = _derived_labels(task, len(names), labels, meta, images, seed)
-    records = [Record(r.key, split[r.key], r.patient_id, None if seg else y,
-                      {k: v for k, v in m.items() if k != "patient_id"}, report=t)
+    records = [Record(r.key, split[r.key], r.patient_id, None if seg else y, _record_metadata(m), report=t)
                for r, m, t, y in zip(draft, meta, texts, targets)]
     positive = finding if ndim == 2 else "lesion"
     spec = TaskSpec("segmentation", seg_names) if seg else \
