@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fixtures_more as FM
 import fixtures_public as F
 from medprobe.data.adapters import build_dataset
 from medprobe.data.headline import headline_metric
@@ -61,7 +62,8 @@ def test_preset_dry_run_with_phantom_stand_ins(name, tmp_path):
 FIXTURES = {"nih_chestxray14": F.write_nih, "chexpert": F.write_chexpert, "montgomery": F.write_montgomery,
             "sarscov2_ct": F.write_sarscov2, "amos": F.write_amos, "figshare_brain_tumor": F.write_figshare,
             "vindr_cxr": F.write_vindr, "rsna_pneumonia": F.write_rsna, "candid_ptx": F.write_candid,
-            "aptos2019": F.write_aptos, "cbis_ddsm": F.write_cbis, "isic2019": F.write_isic}
+            "aptos2019": F.write_aptos, "cbis_ddsm": F.write_cbis, "isic2019": F.write_isic,
+            "mimic_cxr_jpg": lambda root: FM.write_mimic_cxr_jpg(root)[0]}
 DECLARED = sorted({(n, d) for n in PRESETS for d in get_preset(n).experiment["datasets"]})
 
 
