@@ -149,7 +149,8 @@ def test_binary_scores_are_positive_vs_negative_prompts(clip_file, tmp_path):
     assert res.info["prompts"] == {"nodule": ["a chest X-ray showing a lung nodule"]}
 
 
-@pytest.mark.parametrize("task,name", [("multiclass", "clip_vitl14"), ("multilabel", "siglip_vitb16")])
+@pytest.mark.parametrize("task,name", [("multiclass", "clip_vitl14"), ("multilabel", "siglip_vitb16"),
+                                       ("multilabel", "biomedclip")])
 def test_multiclass_and_multilabel_on_random_tiny_towers(task, name, tmp_path):
     ds = build_dataset("phantom", None, n=24, size=32, seed=0, task=task)
     size = 56 if get_spec(name).patch_size == 14 else 64
@@ -189,3 +190,145 @@ def test_zero_shot_unit_through_the_runner(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     summary = run_experiment(load_experiment(path), progress=False, log=lambda s: None)
     assert summary.failed == [] and summary.done == 1
+
+
+# --------------------------------------------------------------------------- BiomedCLIP (open_clip + HF BERT)
+BIOMED_WORDS = "a an chest x - ray showing with no nodule normal lungs lung of".split()
+BIOMED_CFG = {"model_cfg": {"embed_dim": 24,
+                            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                                           "timm_pool": "", "timm_proj": "linear", "image_size": 64},
+                            "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                         "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                         "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                                         "context_length": 16}},
+              "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]}}
+
+
+class BiomedReference(torch.nn.Module):
+    """BiomedCLIP's two towers written directly with timm and transformers: the trunk's pooled output times
+    the linear head; BERT's CLS hidden state through open_clip's MLP projection (Linear, GELU, Linear)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        import timm
+        import transformers as tf
+        torch.manual_seed(7)
+        self.trunk = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                                       **get_spec("biomedclip").tiny)
+        self.head = torch.nn.Linear(48, 24, bias=False)
+        self.bert = tf.BertModel(tf.BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=256,
+                                               max_position_embeddings=32), add_pooling_layer=False)
+        self.proj = torch.nn.Sequential(torch.nn.Linear(128, 76, bias=False), torch.nn.GELU(),
+                                        torch.nn.Linear(76, 24, bias=False))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.5))
+        perturb(self, seed=8)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state[:, 0])
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"visual.trunk.{k}": v for k, v in self.trunk.state_dict().items()}
+        sd["visual.head.proj.weight"] = self.head.weight
+        sd.update({f"text.transformer.{k}": v for k, v in self.bert.state_dict().items()})
+        sd["text.transformer.embeddings.position_ids"] = torch.arange(32)[None]  # as older releases saved it
+        sd.update({f"text.proj.{k}": v for k, v in self.proj.state_dict().items()})
+        sd["logit_scale"] = self.logit_scale
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def biomed_folder(tmp_path_factory):
+    """A tiny BiomedCLIP release folder: open_clip_config.json, open_clip_pytorch_model.bin, vocab.txt,
+    tokenizer_config.json (no BERT config.json, as released)."""
+    import json
+    from tokenizers import BertWordPieceTokenizer
+    root = tmp_path_factory.mktemp("biomedclip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + BIOMED_WORDS
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (root / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True,
+                                                            "tokenizer_class": "BertTokenizer"}))
+    (root / "open_clip_config.json").write_text(json.dumps(BIOMED_CFG))
+    model = BiomedReference(len(vocab)).eval()
+    torch.save(model.open_clip_state_dict(), root / "open_clip_pytorch_model.bin")
+    # the reference tokenizer: the tokenizers library's WordPiece on vocab.txt (transformers 5's
+    # BertTokenizerFast ignores a vocab_file argument: an empty vocabulary, every word [UNK])
+    tokenizer = BertWordPieceTokenizer(str(root / "vocab.txt"), lowercase=True)
+    tokenizer.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    return root, model, lambda texts: torch.tensor([e.ids for e in tokenizer.encode_batch(texts)])
+
+
+def test_biomedclip_towers_match_transformers_and_timm(biomed_folder):
+    root, model, tokenize = biomed_folder
+    bb = create_backbone("biomedclip", str(root), tiny=True)
+    tower = load_text_tower("biomedclip", str(root), tiny=True)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    texts = TEXTS + ["  Normal   LUNGS  "]  # open_clip's whitespace cleaning; the vocabulary is uncased
+    with torch.no_grad():
+        ref_txt = model.encode_text(tokenize(TEXTS + ["normal lungs"]))
+        assert max_diff(tower.encode_text(texts), ref_txt) < 1e-5
+        assert max_diff(tower.encode_image(bb, images), model.encode_image(images)) < 1e-5
+        assert max_diff(ref_txt[0], ref_txt[1]) > 1e-3  # not degenerate
+    assert int((tower.tokenize(TEXTS) == 1).sum()) == 0  # every word in the vocabulary: no [UNK]
+    assert tower.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+    notes = " ".join(tower.load_report.conversions)
+    assert "2 heads" in notes and "position_ids" in notes and "BertTokenizer" in tower.tokenizer_kind
+
+
+def test_biomedclip_folder_with_a_bert_config_uses_it(biomed_folder, tmp_path):
+    import shutil
+    root, model, tokenize = biomed_folder
+    folder = tmp_path / "with_config"
+    shutil.copytree(root, folder)
+    model.bert.config.to_json_file(str(folder / "config.json"))
+    tower = load_text_tower("biomedclip", str(folder), tiny=True)
+    with torch.no_grad():
+        assert max_diff(tower.encode_text(TEXTS), model.encode_text(tokenize(TEXTS))) < 1e-5
+    assert any("BERT configuration from" in c for c in tower.load_report.conversions)
+
+
+def test_biomedclip_incomplete_or_foreign_folders_are_refused(biomed_folder, tmp_path):
+    import shutil
+    root, model, _ = biomed_folder
+    sd = model.open_clip_state_dict()
+    for name, change, match in [("missing", lambda d: d.pop("text.proj.2.weight"), "text.proj.2.weight|proj.2.weight"),
+                                ("stray", lambda d: d.update({"text_projection": torch.zeros(2)}), "text_projection"),
+                                ("headless", lambda d: d.pop("visual.head.proj.weight"), "visual.head.proj")]:
+        folder = tmp_path / name
+        shutil.copytree(root, folder)
+        bad = dict(sd)
+        change(bad)
+        torch.save(bad, folder / "open_clip_pytorch_model.bin")
+        with pytest.raises(WeightsError, match=match):
+            load_text_tower("biomedclip", str(folder), tiny=True)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(root / "open_clip_pytorch_model.bin", lone)
+    with pytest.raises(WeightsError, match="open_clip_config.json"):
+        load_text_tower("biomedclip", str(lone / "open_clip_pytorch_model.bin"), tiny=True)
+    tower = load_text_tower("biomedclip", str(root), tiny=True)
+    with pytest.raises(ConfigError, match="context"):
+        tower.encode_text(["chest " * 20])
+
+
+def test_biomedclip_zero_shot_unit_matches_reference(biomed_folder, tmp_path):
+    from medprobe.features.extract import preprocessor_for
+    root, model, tokenize = biomed_folder
+    ds = build_dataset("phantom", None, n=24, size=32, seed=0)
+    raw = {"templates": ["a chest X-ray showing {}"], "negative_templates": ["an X-ray with no {}"],
+           "class_prompts": {"nodule": "a lung nodule"}}
+    res = _run(raw, _ctx(ds, "biomedclip", str(root), tmp_path))
+    test = res.predictions.splits["test"]
+    idx = ds.indices("test")
+    pre = preprocessor_for(create_backbone("biomedclip", str(root), tiny=True), ds, 64)
+    images = torch.stack([pre.prepare(ds.load_image(i)) for i in idx])
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(
+            tokenize(["a chest x-ray showing a lung nodule", "an x-ray with no a lung nodule"])), dim=-1)
+        expected = torch.softmax(model.logit_scale.exp() * img @ txt.T, dim=1)[:, 0].numpy()
+    np.testing.assert_allclose(test.columns["score"], expected, rtol=1e-4, atol=1e-6)
+    assert res.info["tokenizer"].startswith("BertTokenizer")

@@ -89,8 +89,8 @@ def _ensemble(tower, texts: list[list[str]]) -> torch.Tensor:
 @register_protocol
 class ZeroShot(Protocol):
     name = "zero_shot"
-    summary = ("zero-shot with the checkpoint's own text tower (CLIP, OpenCLIP, CheXzero, SigLIP): class prompts x "
-               "templates, positive vs negative prompts for findings; no training")
+    summary = ("zero-shot with the checkpoint's own text tower (CLIP, OpenCLIP, CheXzero, BiomedCLIP, SigLIP): class "
+               "prompts x templates, positive vs negative prompts for findings; no training")
     Options = ZeroShotOptions
     uses_store = False
 
