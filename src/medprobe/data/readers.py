@@ -255,18 +255,29 @@ def nifti_affine(path: PathLike, slice_axis: int = 2) -> np.ndarray:
     return out
 
 
-def _read_nifti_raw(path: Path, slice_axis: int, scaled: bool) -> tuple[np.ndarray, np.ndarray]:
+def nifti_array(path: Path, *, scaled: bool, channel: int | None = None,
+                hint: str = "4D time series and multi-channel images are not supported") -> tuple[np.ndarray, np.ndarray]:
+    """``(voxels (X, Y, Z), affine)`` of a NIfTI file in its stored axis order: float32 with the header's
+    scaling (``scaled``) or the stored values (masks); ``channel`` picks one volume of a 4D file.
+    Trailing singleton axes are dropped and a 2D image becomes one slice; anything else is a DataError
+    (``hint`` says what to do with a 4D file)."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
-    perm = _permutation(slice_axis)
     try:
         img = nib.load(str(path))
-        data = img.get_fdata(dtype=np.float32) if scaled else np.asanyarray(img.dataobj)
-        data = np.array(data)  # detach from the memory map
         affine = np.asarray(img.affine, dtype=np.float64)
+        if channel is not None:
+            if len(img.shape) != 4:
+                raise DataError(f"{path}: image has shape {img.shape}; expected a 4D multi-channel volume")
+            if channel >= img.shape[3]:
+                raise DataError(f"{path}: channel {channel} requested but the image has {img.shape[3]}")
+            data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
+        else:
+            data = img.get_fdata(dtype=np.float32) if scaled else np.asanyarray(img.dataobj)
+            data = np.array(data)  # detach from the memory map
     except ImageFileError as e:
-        raise DataError(f"{path}: not a NIfTI file nibabel can read: {e}") from None
+        raise DataError(f"{path}: cannot read: not a NIfTI file nibabel can read ({e})") from None
     except _READ_ERRORS as e:
         raise DataError(f"{path}: cannot read NIfTI file (corrupt or truncated?): {e}") from None
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -274,8 +285,13 @@ def _read_nifti_raw(path: Path, slice_axis: int, scaled: bool) -> tuple[np.ndarr
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
-        raise DataError(f"{path}: NIfTI image has shape {data.shape}; expected a 3D volume "
-                        f"(4D time series and multi-channel images are not supported)")
+        raise DataError(f"{path}: NIfTI image has shape {data.shape}; expected a 3D volume ({hint})")
+    return data, affine
+
+
+def _read_nifti_raw(path: Path, slice_axis: int, scaled: bool) -> tuple[np.ndarray, np.ndarray]:
+    perm = _permutation(slice_axis)
+    data, affine = nifti_array(path, scaled=scaled)
     out = np.ascontiguousarray(np.transpose(data, perm))
     new_affine = affine.copy()
     new_affine[:, :3] = affine[:, perm]

@@ -291,36 +291,8 @@ def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _nifti_raw(path: Path, mask: bool, channel: int | None) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-
-    from medprobe.data.readers import _READ_ERRORS
-
-    try:
-        img = nib.load(str(path))
-        affine = np.asarray(img.affine, dtype=np.float64)
-        if channel is not None:
-            if len(img.shape) != 4:
-                raise DataError(f"{path}: image has shape {img.shape}; expected a 4D multi-channel volume")
-            if channel >= img.shape[3]:
-                raise DataError(f"{path}: channel {channel} requested but the image has {img.shape[3]}")
-            data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
-        else:
-            data = np.array(np.asanyarray(img.dataobj) if mask else img.get_fdata(dtype=np.float32))
-    except DataError:
-        raise
-    except ImageFileError as e:
-        raise DataError(f"{path}: cannot read: not a NIfTI file nibabel can read ({e})") from None
-    except _READ_ERRORS as e:
-        raise DataError(f"{path}: cannot read NIfTI file (corrupt or truncated?): {e}") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise DataError(f"{path}: NIfTI image has shape {data.shape}; expected a 3D volume (give channel= for "
-                        f"a 4D multi-channel image)")
-    return data, affine
+    from medprobe.data.readers import nifti_array
+    return nifti_array(path, scaled=not mask, channel=channel, hint="give channel= for a 4D multi-channel image")
 
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
