@@ -32,7 +32,9 @@ Options: reports (folder of the report files; default root), views (frontal | al
 from __future__ import annotations
 
 import re
+from collections.abc import Container, Iterator
 from pathlib import Path
+from typing import Any
 
 from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problems, PublicDataset, assign_splits,
@@ -44,6 +46,27 @@ from medprobe.options import option
 NAME = "mimic_cxr"
 FRONTAL = ("PA", "AP")
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
+
+
+def split_rows(split_table: Any, known: Container[str], meta_name: str, problems: Problems
+               ) -> Iterator[tuple[str, str, str, str, str]]:
+    """``(where, dicom_id, study_id, subject_id, split)`` of every valid row of the official split file
+    (MIMIC-CXR and MIMIC-CXR-JPG share it): the split known, ids numeric, the image in the metadata
+    file (``known``); each bad row is a problem naming it."""
+    for row in split_table.rows:
+        at = split_table.where(row)
+        dicom, study, subject = row["dicom_id"], row["study_id"], row["subject_id"]
+        official = SPLITS.get(row["split"])
+        if official is None:
+            problems.add(f"{at}: split {row['split']!r}; expected train, validate or test")
+            continue
+        if not subject.isdigit() or not study.isdigit():
+            problems.add(f"{at}: subject_id {subject!r} / study_id {study!r} are not numbers")
+            continue
+        if dicom not in known:
+            problems.add(f"{at}: dicom_id {dicom} is not in {meta_name}")
+            continue
+        yield at, dicom, study, subject, official
 _HEADER = re.compile(r"^\s*([A-Z][A-Z /&()-]{2,}):", re.MULTILINE)
 
 
@@ -86,20 +109,8 @@ def build_mimic_cxr(root: Path | None, reports: str | None = None, views: str = 
     drafts: list[Record] = []
     where: list[str] = []
     no_findings = 0
-    for row in split_table.rows:
-        at = split_table.where(row)
-        dicom, study, subject = row["dicom_id"], row["study_id"], row["subject_id"]
-        official = SPLITS.get(row["split"])
-        if official is None:
-            problems.add(f"{at}: split {row['split']!r}; expected train, validate or test")
-            continue
-        if not subject.isdigit() or not study.isdigit():
-            problems.add(f"{at}: subject_id {subject!r} / study_id {study!r} are not numbers")
-            continue
-        view = view_of.get(dicom)
-        if view is None:
-            problems.add(f"{at}: dicom_id {dicom} is not in {meta_file.name}")
-            continue
+    for at, dicom, study, subject, official in split_rows(split_table, view_of, meta_file.name, problems):
+        view = view_of[dicom]
         if views == "frontal" and view not in FRONTAL:
             continue
         rel = Path("files") / f"p{subject[:2]}" / f"p{subject}"

@@ -45,14 +45,13 @@ from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, Presence, Problem
                                             details, find_first, finish, folder_root, parse_float, read_table,
                                             split_policy)
 from medprobe.data.adapters.chexpert import HARMONISED, _labels_option
+from medprobe.data.adapters.mimic_cxr import FRONTAL, split_rows
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import DataError
 from medprobe.options import option
 
 NAME = "mimic_cxr_jpg"
-FRONTAL = ("PA", "AP")
-SPLITS = {"train": "train", "validate": "val", "test": "test"}
 _VALUES = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": 0}
 
 
@@ -127,19 +126,7 @@ def build_mimic_cxr_jpg(root: Path | None, labels: Any = "competition", labeler:
     drafts: list[Record] = []
     where: list[str] = []
     unlabelled = dropped = 0
-    for row in split_table.rows:
-        at = split_table.where(row)
-        dicom, study, subject = row["dicom_id"], row["study_id"], row["subject_id"]
-        official = SPLITS.get(row["split"])
-        if official is None:
-            problems.add(f"{at}: split {row['split']!r}; expected train, validate or test")
-            continue
-        if not subject.isdigit() or not study.isdigit():
-            problems.add(f"{at}: subject_id {subject!r} / study_id {study!r} are not numbers")
-            continue
-        if dicom not in meta:
-            problems.add(f"{at}: dicom_id {dicom} is not in {meta_file.name}")
-            continue
+    for at, dicom, study, subject, official in split_rows(split_table, meta, meta_file.name, problems):
         view, date = meta[dicom]
         if views == "frontal" and view not in FRONTAL:
             continue
