@@ -78,6 +78,15 @@ def parse_rle(text: str) -> list[int] | None:
     return values
 
 
+def row_rle(row: dict[str, str], column: str, at: str, problems: Problems) -> list[int] | None:
+    """:func:`parse_rle` of ``row[column]``; a malformed value is a problem naming the row (and None)."""
+    values = parse_rle(row[column])
+    if values is None:
+        problems.add(f"{at}: {column} is not an RLE (pairs of non-negative integers 'offset length', length "
+                     f"> 0) or -1: {row[column][:60]!r}")
+    return values
+
+
 def decode_rle(values: list[int], shape: tuple[int, int], mode: str = "relative") -> np.ndarray:
     """A (H, W) 0/1 mask from RLE pairs (see the module notes); ValueError when a run overflows."""
     h, w = shape
@@ -130,10 +139,8 @@ def _target_runs(path: Path, problems: Problems) -> dict[str, list[tuple[str, li
     out: dict[str, list[tuple[str, list[int]]]] = defaultdict(list)
     for row in table.rows:
         at = table.where(row)
-        values = parse_rle(row[rle_col])
+        values = row_rle(row, rle_col, at, problems)
         if values is None:
-            problems.add(f"{at}: {rle_col} is not an RLE (pairs of non-negative integers 'offset length', length "
-                         f"> 0) or -1: {row[rle_col][:60]!r}")
             continue
         if row[id_col] and values:
             out[row[id_col]].append((at, values))
@@ -185,10 +192,8 @@ def build_candid_ptx(root: Path | None, target: str = "pneumothorax", task: str 
         if not uid:
             problems.add(f"{at}: empty SOPInstanceUID")
             continue
-        values = parse_rle(row["EncodedPixels"])
+        values = row_rle(row, "EncodedPixels", at, problems)
         if values is None:
-            problems.add(f"{at}: EncodedPixels is not an RLE (pairs of non-negative integers 'offset length', "
-                         f"length > 0) or -1: {row['EncodedPixels'][:60]!r}")
             continue
         if uid not in first:
             order.append(uid)

@@ -37,7 +37,7 @@ from medprobe.data import harmonise
 from medprobe.data.adapters import register_adapter
 from medprobe.data.adapters._common import (DEFAULT_FRACTIONS, FileIndex, Presence, Problems, assign_splits, details,
                                             dicom_header, finish, folder_root, read_table, split_policy)
-from medprobe.data.adapters.candid_ptx import CandidDataset, parse_rle
+from medprobe.data.adapters.candid_ptx import CandidDataset, row_rle
 from medprobe.data.base import ImageDataset, Record, TaskSpec
 from medprobe.data.metadata import demographics
 from medprobe.errors import ConfigError, DataError
@@ -80,10 +80,8 @@ def build_siim_acr(root: Path | None, task: str = "segmentation", rle: str = "au
         if not uid:
             problems.add(f"{at}: empty ImageId")
             continue
-        values = parse_rle(row["EncodedPixels"])
+        values = row_rle(row, "EncodedPixels", at, problems)
         if values is None:
-            problems.add(f"{at}: EncodedPixels is not an RLE (pairs of non-negative integers 'offset length', "
-                         f"length > 0) or -1: {row['EncodedPixels'][:60]!r}")
             continue
         first.setdefault(uid, at)
         if values:
