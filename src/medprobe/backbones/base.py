@@ -89,6 +89,21 @@ class Backbone(nn.Module):
         raise ConfigError(f"CLS attention maps need a ViT with a CLS token; {self.name} has none "
                           f"(e.g. a windowed encoder without class token)")
 
+    def input_of(self, module: nn.Module, images: torch.Tensor, name: str) -> torch.Tensor:
+        """The first input of ``module`` (positional, or the keyword ``name``) during a forward pass of
+        ``images``: what family ``attention`` methods recompute the last block's attention from."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["x"] = args[0] if args else kwargs[name]
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.forward_tokens(images)
+        finally:
+            handle.remove()
+        return captured["x"]
+
     def block_modules(self) -> list[nn.Module]:
         """The transformer blocks / CNN stages in order (for freezing and truncation)."""
         raise NotImplementedError

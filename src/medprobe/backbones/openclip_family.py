@@ -130,17 +130,7 @@ class OpenCLIPBackbone(Backbone):
         """Last-block softmax attention (B, heads, N, N), recomputed from the input of the last
         ``nn.MultiheadAttention`` (captured with a hook) and its own in-projection."""
         mha = self.model.transformer.resblocks[-1].attn
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["x"] = args[0] if args else kwargs["query"]
-
-        handle = mha.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            self.forward_tokens(images)
-        finally:
-            handle.remove()
-        h = captured["x"]
+        h = self.input_of(mha, images, "query")
         if not getattr(mha, "batch_first", False):
             h = h.transpose(0, 1)
         b, n, d = h.shape

@@ -235,17 +235,7 @@ class TimmBackbone(Backbone):
             raise ConfigError(f"attention maps are not available for {self.name}: its attention "
                               f"({type(attn).__name__}{', rotary position embedding' if hasattr(self.model, 'rope') else ''}) "
                               f"cannot be recomputed from q/k projections alone")
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["x"] = args[0] if args else kwargs["x"]
-
-        handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            self.forward_tokens(images)
-        finally:
-            handle.remove()
-        h = captured["x"]
+        h = self.input_of(attn, images, "x")
         b, n, _ = h.shape
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
